@@ -1,0 +1,205 @@
+"""BatchNorm1d/2d/3d: torch.nn.BatchNorm*d semantics, plus CPU-capable sync and a guard for non-finite batches."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from .. import kernels
+from ..functional._checks import check_batch_has_values
+from ._base import RunningStatsNormBase
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+# On accelerators, reading the guard's counter synchronizes with the device: look only every this many steps.
+_GUARD_CHECK_EVERY = 64
+
+
+class _BatchNorm(RunningStatsNormBase):
+    """Shared body of the batch norms. Subclasses (Ghost BN, Batch Renorm) override :meth:`_normalize`."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        nan_guard: bool = True,
+        sync: bool = False,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            device=device,
+            dtype=dtype,
+        )
+        self.nan_guard = bool(nan_guard)
+        self.sync = bool(sync) or process_group is not None
+        self.process_group = process_group
+        # Not persistent, so state_dicts stay exactly torch.nn.BatchNorm's in both directions.
+        self.register_buffer(
+            "num_nonfinite_batches", torch.tensor(0, dtype=torch.long, device=device), persistent=False
+        )
+        self._warned_nonfinite = False
+        self._guard_calls = 0
+
+    def _sync_group(self):
+        """The process group to synchronize statistics over now, or None (not syncing, or a single rank)."""
+        if not (self.sync and self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def _normalize(self, x, running_mean, running_var, use_batch_stats: bool, momentum: float, group):
+        """Normalize ``x``; in training, update the given running buffers in place."""
+        return kernels.call(
+            "batch_norm",
+            x,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+            process_group=group,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        group = self._sync_group()
+        use_batch_stats = self._uses_batch_stats()
+        if use_batch_stats and group is None:
+            check_batch_has_values(type(self).__name__, x)
+        update = self._updates_running_stats()
+        momentum = self._momentum_factor() if update else 0.0
+        running_mean, running_var = self.running_mean, self.running_var
+        if self.training and not self.track_running_stats:
+            running_mean = running_var = None
+        guarded = update and self.nan_guard
+        if guarded:
+            running_mean, running_var = running_mean.clone(), running_var.clone()
+        y = self._normalize(x, running_mean, running_var, use_batch_stats, momentum, group)
+        if guarded:
+            self._commit_guarded(running_mean, running_var)
+            self._maybe_warn_nonfinite(x)
+        elif update:
+            self.num_batches_tracked.add_(1)
+        return y
+
+    @torch.no_grad()
+    def _commit_guarded(self, new_mean: torch.Tensor, new_var: torch.Tensor) -> None:
+        """Keep the updated running statistics only if they are finite; count the batches that were not."""
+        ok = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
+        self.running_mean.copy_(torch.where(ok, new_mean, self.running_mean))
+        self.running_var.copy_(torch.where(ok, new_var, self.running_var))
+        self.num_batches_tracked.add_(ok.long())
+        self.num_nonfinite_batches.add_((~ok).long())
+
+    def _maybe_warn_nonfinite(self, x: torch.Tensor) -> None:
+        if self._warned_nonfinite or torch.compiler.is_compiling():
+            return
+        if x.device.type != "cpu":
+            self._guard_calls += 1
+            if self._guard_calls % _GUARD_CHECK_EVERY != 1:
+                return
+        count = int(self.num_nonfinite_batches)
+        if count > 0:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{type(self).__name__}({self.num_features}): {count} training batch(es) had non-finite statistics "
+                "(NaN/Inf); the running statistics were left unchanged for them (counted in num_nonfinite_batches). "
+                "This warning is shown once.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def extra_repr(self) -> str:
+        extra = super().extra_repr()
+        if self.sync:
+            extra += ", sync=True"
+        if not self.nan_guard:
+            extra += ", nan_guard=False"
+        return extra
+
+
+_DOC = r"""Batch normalization over a {rank} input, a drop-in replacement for torch.nn.{name}.
+
+    .. math:: y = \frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}} \gamma + \beta
+
+    Statistics are per channel over (N, *). Paper: Ioffe & Szegedy, 2015, "Batch Normalization", arXiv 1502.03167.
+    Outputs, gradients, running statistics and state_dict keys are those of torch.nn.{name}; in addition:
+
+    * ``sync=True`` / ``process_group=``: batch statistics are all-reduced over a torch.distributed group in
+      training, on any backend (gloo on CPU as well as NCCL), weighting each rank by its element count, so ranks
+      may hold different batch sizes. Without an initialized process group (or with one rank) it runs locally.
+    * ``nan_guard=True``: a training batch whose statistics are not finite leaves the running statistics (and
+      ``num_batches_tracked``) unchanged; it is counted in the non-persistent buffer ``num_nonfinite_batches`` and a
+      RuntimeWarning is issued once (on accelerators the counter is read every {every} steps to avoid syncs).
+
+    Args:
+        num_features: C, the number of channels.
+        eps: added to the variance. Must be > 0.
+        momentum: PyTorch convention, ``running = (1 - momentum) * running + momentum * batch``; None is the
+            cumulative average. Keras/Flax momentum 0.9 equals PyTorch momentum 0.1.
+        affine: learn a per-channel scale (weight) and shift (bias).
+        track_running_stats: keep running statistics for eval; if False, eval uses batch statistics.
+        nan_guard: skip running-statistics updates for non-finite batches.
+        sync: synchronize statistics over ``process_group`` (default: the world group).
+        process_group: a torch.distributed group; implies ``sync=True``.
+        device, dtype: of the parameters and buffers.
+
+    Shape:
+        Input and output: {shape}.
+
+    Raises:
+        ValueError: on an input of the wrong rank or channel count, on one value per channel in training, or on an
+            invalid argument (num_features <= 0, eps <= 0, momentum outside [0, 1]).
+
+    Note:
+        Training uses (and records) the batch's statistics; eval uses the running statistics. That difference is
+        BatchNorm's weak point at small or size-1 batches: see GroupNorm, LayerNorm or FrozenBatchNorm instead.
+
+    Example:
+        >>> import torch, normlab
+        >>> bn = normlab.{name}(3)
+        >>> y = bn(torch.randn({example}))
+        >>> tuple(y.shape), int(bn.num_batches_tracked)
+        (({example_shape}), 1)
+    """
+
+
+class BatchNorm1d(_BatchNorm):
+    _input_dims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    _input_dims = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    _input_dims = (5,)
+
+
+BatchNorm1d.__doc__ = _DOC.format(
+    rank="2D or 3D", name="BatchNorm1d", every=_GUARD_CHECK_EVERY, shape="(N, C) or (N, C, L)",
+    example="8, 3", example_shape="8, 3",
+)
+BatchNorm2d.__doc__ = _DOC.format(
+    rank="4D", name="BatchNorm2d", every=_GUARD_CHECK_EVERY, shape="(N, C, H, W)",
+    example="8, 3, 5, 5", example_shape="8, 3, 5, 5",
+)
+BatchNorm3d.__doc__ = _DOC.format(
+    rank="5D", name="BatchNorm3d", every=_GUARD_CHECK_EVERY, shape="(N, C, D, H, W)",
+    example="4, 3, 2, 5, 5", example_shape="4, 3, 2, 5, 5",
+)
