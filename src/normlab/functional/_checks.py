@@ -19,6 +19,7 @@ __all__ = [
     "check_divides",
     "check_input",
     "check_batch_has_values",
+    "check_spatial_has_values",
     "unknown_name_error",
 ]
 
@@ -86,6 +87,15 @@ def check_batch_has_values(owner: str, x: torch.Tensor) -> None:
     if x.numel() // max(x.shape[1], 1) <= 1:
         raise ValueError(
             f"{owner}: expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}"
+        )
+
+
+def check_spatial_has_values(owner: str, x: torch.Tensor) -> None:
+    """Per-instance statistics need more than one spatial value: raise if ``x`` (N, C, *) has only one per channel."""
+    if math.prod(x.shape[2:]) <= 1:
+        raise ValueError(
+            f"{owner}: expected more than 1 spatial value per channel when training, got input of shape "
+            f"{tuple(x.shape)}"
         )
 
 

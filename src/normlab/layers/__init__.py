@@ -1,5 +1,34 @@
 """Normalization modules (nn.Module): they hold parameters and buffers and compute through normlab.kernels."""
 
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .batch_renorm import BatchRenorm2d
+from .evonorm import EvoNorm2dB0, EvoNorm2dS0
+from .filter_response_norm import FilterResponseNorm2d
+from .frozen_batch_norm import FrozenBatchNorm1d, FrozenBatchNorm2d
+from .ghost_batch_norm import GhostBatchNorm2d
+from .group_norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from .layer_norm import LayerNorm, LayerNorm2d, RMSNorm, RMSNorm2d
+from .weight_standardization import ScaledStdConv2d, StdConv2d
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchRenorm2d",
+    "EvoNorm2dB0",
+    "EvoNorm2dS0",
+    "FilterResponseNorm2d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "GhostBatchNorm2d",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "LayerNorm2d",
+    "RMSNorm",
+    "RMSNorm2d",
+    "ScaledStdConv2d",
+    "StdConv2d",
+]
