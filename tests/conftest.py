@@ -9,10 +9,6 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "normlab"))
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # two workers on two cores: one intra-op thread each avoids oversubscription
-    torch.set_num_threads(1)
-
 
 @pytest.fixture(autouse=True)
 def _seed():

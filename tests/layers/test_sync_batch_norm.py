@@ -37,8 +37,18 @@ def _reference(sizes, spatial, steps):
         bn.zero_grad()
         y = bn(x)
         (y * torch.cat(gs)).sum().backward()
-        results.append((xs, gs, y.detach().split(sizes), x.grad.split(sizes), bn.weight.grad.clone(), bn.bias.grad.clone(),
-                        bn.running_mean.clone(), bn.running_var.clone()))
+        results.append(
+            (
+                xs,
+                gs,
+                y.detach().split(sizes),
+                x.grad.split(sizes),
+                bn.weight.grad.clone(),
+                bn.bias.grad.clone(),
+                bn.running_mean.clone(),
+                bn.running_var.clone(),
+            )
+        )
     return state, results
 
 

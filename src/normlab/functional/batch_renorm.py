@@ -32,6 +32,37 @@ def check_renorm_limits(owner: str, r_max, d_max):
     return r_max, d_max
 
 
+def _as_tensor(value, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=like.dtype)
+    return torch.tensor(value, device=like.device, dtype=like.dtype)
+
+
+# r and d are computed in an opaque custom op so that torch.compile saves them for the backward. As plain pointwise
+# ops, AOTAutograd's partitioner (torch 2.13, inductor) recomputes them in the backward from the running-statistics
+# buffers, which by then hold the *updated* values, and the input gradient comes out wrong.
+@torch.library.custom_op("normlab::renorm_correction", mutates_args=())
+def _renorm_correction(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    r_max: torch.Tensor,
+    d_max: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """r = clip(sigma_B / sigma, 1/r_max, r_max) and d = clip((mean_B - running_mean) / sigma, -d_max, d_max)."""
+    invstd_running = torch.rsqrt(running_var.to(mean.dtype) + eps)
+    r = torch.clamp((var + eps).sqrt() * invstd_running, 1.0 / r_max, r_max)
+    d = torch.clamp((mean - running_mean.to(mean.dtype)) * invstd_running, -d_max, d_max)
+    return r, d
+
+
+@_renorm_correction.register_fake
+def _(mean, var, running_mean, running_var, eps, r_max, d_max):
+    return torch.empty_like(mean), torch.empty_like(mean)
+
+
 def batch_renorm(
     x: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -103,14 +134,9 @@ def batch_renorm(
     acc = accumulation_dtype(x.dtype)
     mean, var, count = batch_stats(x, process_group=process_group)
     invstd_batch = torch.rsqrt(var + eps)
-    invstd_running = torch.rsqrt(running_var.to(acc) + eps)
-    if isinstance(r_max, torch.Tensor):
-        r_max = r_max.to(acc)
-    if isinstance(d_max, torch.Tensor):
-        d_max = d_max.to(acc)
-    with torch.no_grad():
-        r = ((var + eps).sqrt() * invstd_running).clamp(1.0 / r_max, r_max)
-        d = ((mean - running_mean.to(acc)) * invstd_running).clamp(-d_max, d_max)
+    r, d = _renorm_correction(
+        mean.detach(), var.detach(), running_mean, running_var, eps, _as_tensor(r_max, mean), _as_tensor(d_max, mean)
+    )
     update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
     scale = channel_view(invstd_batch * r, x.dim())
     y = (x.to(acc) - channel_view(mean, x.dim())) * scale + channel_view(d, x.dim())

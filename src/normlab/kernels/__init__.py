@@ -88,7 +88,9 @@ def resolve(op: str, x: torch.Tensor, backend: str | None = None) -> Callable:
     if name == "triton":
         impl = _triton_impl(op)
         if impl is None:
-            raise RuntimeError(f"backend='triton': no Triton kernel for {op!r} (Triton installed: {triton_available()})")
+            raise RuntimeError(
+                f"backend='triton': no Triton kernel for {op!r} (Triton installed: {triton_available()})"
+            )
         return impl
     if x.is_cuda:
         impl = _triton_impl(op)

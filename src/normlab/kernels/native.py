@@ -36,7 +36,9 @@ def batch_norm(
     0.95 / -1.05 instead of 1 / -1); the reference computes in float32 and rounds once.
     """
     if process_group is not None or _half_on_cpu(x):
-        return reference.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, process_group=process_group)
+        return reference.batch_norm(
+            x, running_mean, running_var, weight, bias, training, momentum, eps, process_group=process_group
+        )
     return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
 

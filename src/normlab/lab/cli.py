@@ -11,9 +11,10 @@ import torch
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
-    torch.set_num_threads(args.threads) if args.threads else None
-    cfg = DemoConfig(epochs=args.epochs, seed=args.seed)
-    run_demo(cfg)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    defaults = DemoConfig()
+    run_demo(DemoConfig(epochs=args.epochs or defaults.epochs, seed=args.seed))
     return 0
 
 
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normlab", description="Normalization beyond BatchNorm: the lab.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="BatchNorm vs GroupNorm at batch sizes 32 and 2 (about a minute on CPU)")
-    demo.add_argument("--epochs", type=int, default=2)
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default 8)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     demo.set_defaults(func=_demo)

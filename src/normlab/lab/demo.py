@@ -2,7 +2,8 @@
 
 A tiny CNN learns generated 16x16 images (class templates under random shifts, contrast, brightness and noise),
 trained for the same number of epochs at each batch size with the learning rate scaled linearly with the batch
-(the Group Normalization paper's protocol, with warm-up and cosine decay). Test error is measured in eval mode, as a deployed model runs.
+(the Group Normalization paper's protocol, with warm-up and cosine decay). Test error is measured in eval mode, as
+a deployed model runs.
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def _templates(num_classes: int, size: int) -> torch.Tensor:
 
 
 class TinyCNN(nn.Module):
-    """Three conv-norm-ReLU blocks (16, 32, 64 channels), global average pooling, then a head of 1x1 convolutions
-    (linear layers on the pooled features) with a norm between them: the head's norm sees one value per sample and
-    channel, as in classifier and projection heads, which is where small batches hurt BatchNorm most."""
+    """Three conv-norm-ReLU blocks (16, 32, 64 channels; 16x16 -> 4x4), then a head of a 4x4 convolution (a linear
+    layer on the flattened features), a norm, ReLU and a 1x1 convolution. The head's norm sees one value per sample
+    and channel, as in classifier and projection heads, which is where small batches hurt BatchNorm most."""
 
     def __init__(self, norm: str, num_classes: int = 10) -> None:
         super().__init__()
@@ -75,15 +76,21 @@ class TinyCNN(nn.Module):
         widths = [1, 16, 32, 64]
         blocks = []
         for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
-            blocks += [nn.Conv2d(cin, cout, 3, stride=1 if i == 0 else 2, padding=1, bias=False), norm_layer(cout),
-                       nn.ReLU(inplace=True)]
+            blocks += [
+                nn.Conv2d(cin, cout, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                norm_layer(cout),
+                nn.ReLU(inplace=True),
+            ]
         self.features = nn.Sequential(*blocks)
         self.head = nn.Sequential(
-            nn.Conv2d(widths[-1], 64, 1, bias=False), norm_layer(64), nn.ReLU(inplace=True), nn.Conv2d(64, num_classes, 1)
+            nn.Conv2d(widths[-1], 64, 4, bias=False),
+            norm_layer(64),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(64, num_classes, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean((2, 3), keepdim=True)).flatten(1)
+        return self.head(self.features(x)).flatten(1)
 
 
 def _warmup_cosine(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -136,9 +143,15 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict[tuple[str, int]
         for bs in cfg.batch_sizes:
             start = time.perf_counter()
             results[norm, bs] = train_and_test(norm, bs, cfg, data)
-            echo(f"  {norm:>6} batch {bs:>3}: test error {results[norm, bs]:5.1f}%  ({time.perf_counter() - start:.0f} s)")
+            seconds = time.perf_counter() - start
+            echo(f"  {norm:>6} batch {bs:>3}: test error {results[norm, bs]:5.1f}%  ({seconds:.0f} s)")
     header = "norm".ljust(8) + "".join(f"batch {bs}".rjust(10) for bs in cfg.batch_sizes)
     echo("\n" + header)
     for norm in cfg.norms:
         echo(norm.ljust(8) + "".join(f"{results[norm, bs]:9.1f}%" for bs in cfg.batch_sizes))
+    echo(
+        "\nBatchNorm normalizes with the statistics of the batch: at batch 2 they are those of two samples (in the "
+        "head, two values per channel), so\ntraining sees a function that the running averages used in eval do not "
+        "reproduce. GroupNorm's statistics are per sample: the batch size\ndoes not change them."
+    )
     return results

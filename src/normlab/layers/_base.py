@@ -90,9 +90,7 @@ class RunningStatsNormBase(NormBase):
         if self.track_running_stats:
             self.register_buffer("running_mean", torch.zeros(self.num_features, **factory))
             self.register_buffer("running_var", torch.ones(self.num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         else:
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
@@ -118,13 +116,17 @@ class RunningStatsNormBase(NormBase):
     def _uses_batch_stats(self) -> bool:
         return self.training or self.running_mean is None
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if self.track_running_stats and (version is None or version < 2) and key not in state_dict:
             # checkpoints from before num_batches_tracked existed (torch < 0.4.1), as torch.nn.BatchNorm does
             state_dict[key] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -192,14 +192,26 @@ class BatchNorm3d(_BatchNorm):
 
 
 BatchNorm1d.__doc__ = _DOC.format(
-    rank="2D or 3D", name="BatchNorm1d", every=_GUARD_CHECK_EVERY, shape="(N, C) or (N, C, L)",
-    example="8, 3", example_shape="8, 3",
+    rank="2D or 3D",
+    name="BatchNorm1d",
+    every=_GUARD_CHECK_EVERY,
+    shape="(N, C) or (N, C, L)",
+    example="8, 3",
+    example_shape="8, 3",
 )
 BatchNorm2d.__doc__ = _DOC.format(
-    rank="4D", name="BatchNorm2d", every=_GUARD_CHECK_EVERY, shape="(N, C, H, W)",
-    example="8, 3, 5, 5", example_shape="8, 3, 5, 5",
+    rank="4D",
+    name="BatchNorm2d",
+    every=_GUARD_CHECK_EVERY,
+    shape="(N, C, H, W)",
+    example="8, 3, 5, 5",
+    example_shape="8, 3, 5, 5",
 )
 BatchNorm3d.__doc__ = _DOC.format(
-    rank="5D", name="BatchNorm3d", every=_GUARD_CHECK_EVERY, shape="(N, C, D, H, W)",
-    example="4, 3, 2, 5, 5", example_shape="4, 3, 2, 5, 5",
+    rank="5D",
+    name="BatchNorm3d",
+    every=_GUARD_CHECK_EVERY,
+    shape="(N, C, D, H, W)",
+    example="4, 3, 2, 5, 5",
+    example_shape="4, 3, 2, 5, 5",
 )
