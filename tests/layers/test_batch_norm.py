@@ -203,3 +203,19 @@ def test_bad_input_raises(cls, shape, match):
 def test_bad_arguments_raise(kw, match):
     with pytest.raises(ValueError, match=match):
         normlab.BatchNorm2d(**kw)
+
+
+def test_nan_guard_branch_free_path_under_compile():
+    """The path used on accelerators and under torch.compile never reads the test on the host."""
+    torch._dynamo.reset()
+    bn = normlab.BatchNorm2d(3)
+    compiled = torch.compile(bn, fullgraph=True, backend="aot_eager")
+    compiled(torch.randn(4, 3, 2, 2))
+    mean, var = bn.running_mean.clone(), bn.running_var.clone()
+    bad = torch.randn(4, 3, 2, 2)
+    bad[0, 0, 0, 0] = float("inf")
+    compiled(bad)
+    assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+    assert int(bn.num_nonfinite_batches) == 1 and int(bn.num_batches_tracked) == 1
+    compiled(torch.randn(4, 3, 2, 2))
+    assert int(bn.num_batches_tracked) == 2 and not torch.equal(bn.running_var, var)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -88,41 +89,54 @@ class _BatchNorm(RunningStatsNormBase):
             running_mean = running_var = None
         guarded = update and self.nan_guard
         if guarded:
+            # the batch updates copies; the buffers take the result only if it is finite. (Updating the buffers
+            # in place and undoing it would break autograd: torch's batch_norm saves them for its backward.)
             running_mean, running_var = running_mean.clone(), running_var.clone()
         y = self._normalize(x, running_mean, running_var, use_batch_stats, momentum, group)
         if guarded:
-            self._commit_guarded(running_mean, running_var)
-            self._maybe_warn_nonfinite(x)
+            self._commit_if_finite(running_mean, running_var, x)
         elif update:
             self.num_batches_tracked.add_(1)
         return y
 
-    @torch.no_grad()
-    def _commit_guarded(self, new_mean: torch.Tensor, new_var: torch.Tensor) -> None:
-        """Keep the updated running statistics only if they are finite; count the batches that were not."""
-        ok = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
-        self.running_mean.copy_(torch.where(ok, new_mean, self.running_mean))
-        self.running_var.copy_(torch.where(ok, new_var, self.running_var))
-        self.num_batches_tracked.add_(ok.long())
-        self.num_nonfinite_batches.add_((~ok).long())
+    def _commit_if_finite(self, new_mean: torch.Tensor, new_var: torch.Tensor, x: torch.Tensor) -> None:
+        """Copy the updated running statistics into the buffers if they are finite; else count the batch.
 
-    def _maybe_warn_nonfinite(self, x: torch.Tensor) -> None:
-        if self._warned_nonfinite or torch.compiler.is_compiling():
+        NaN or Inf in a batch make its variance NaN (an overflowing variance is Inf), and so the updated running
+        variance: testing the sum of ``new_var`` covers every channel with one tiny reduction.
+        """
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # reading the sum costs ~1 us on the CPU (an accelerator would have to synchronize)
+            if math.isfinite(float(new_var.sum())):
+                self.running_mean.copy_(new_mean)
+                self.running_var.copy_(new_var)
+                self.num_batches_tracked.add_(1)
+            else:
+                self.num_nonfinite_batches.add_(1)
+                self._warn_nonfinite_once()
             return
-        if x.device.type != "cpu":
+        with torch.no_grad():
+            ok = torch.isfinite(new_var.sum())
+            self.running_mean.copy_(torch.where(ok, new_mean, self.running_mean))
+            self.running_var.copy_(torch.where(ok, new_var, self.running_var))
+            self.num_batches_tracked.add_(ok.long())
+            self.num_nonfinite_batches.add_((~ok).long())
+        if not torch.compiler.is_compiling():
             self._guard_calls += 1
-            if self._guard_calls % _GUARD_CHECK_EVERY != 1:
-                return
-        count = int(self.num_nonfinite_batches)
-        if count > 0:
-            self._warned_nonfinite = True
-            warnings.warn(
-                f"{type(self).__name__}({self.num_features}): {count} training batch(es) had non-finite statistics "
-                "(NaN/Inf); the running statistics were left unchanged for them (counted in num_nonfinite_batches). "
-                "This warning is shown once.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            if self._guard_calls % _GUARD_CHECK_EVERY == 1 and int(self.num_nonfinite_batches) > 0:
+                self._warn_nonfinite_once()
+
+    def _warn_nonfinite_once(self) -> None:
+        if self._warned_nonfinite:
+            return
+        self._warned_nonfinite = True
+        warnings.warn(
+            f"{type(self).__name__}({self.num_features}): a training batch had non-finite statistics (NaN/Inf); the "
+            "running statistics were left unchanged (such batches are counted in num_nonfinite_batches). This "
+            "warning is shown once.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()
