@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from normlab.functional import batch_norm, batch_renorm, frozen_batch_norm, ghost_batch_norm
+from tests.helpers import assert_all_close, forward_backward
 from tests.tolerances import assert_close
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -44,14 +45,6 @@ def _bn64(x, weight=None, bias=None, eps=EPS):
     return y
 
 
-def _grads(fn, x, *params, g):
-    """Output and gradients of ``(fn(x, *params) * g).sum()`` w.r.t. x and params (fresh leaves)."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x,) + params]
-    y = fn(*leaves)
-    (y * g.to(y.dtype)).sum().backward()
-    return (y,) + tuple(t.grad for t in leaves)
-
-
 # ----------------------------------------------------------------------------------------------- frozen_batch_norm
 
 
@@ -82,18 +75,17 @@ def test_frozen_equals_torch_batch_norm_eval(shape):
     x, g = _input(shape), torch.randn(shape)
     mean, var = torch.randn(3), torch.rand(3) + 0.1
     weight, bias = _affine(3)
-    ours = _grads(lambda x: frozen_batch_norm(x, mean, var, weight, bias, EPS), x, g=g)
-    ref = _grads(lambda x: F.batch_norm(x, mean, var, weight, bias, False, 0.0, EPS), x, g=g)
-    for a, b in zip(ours, ref, strict=True):
-        assert_close(a, b)
+    ours = forward_backward(lambda x: frozen_batch_norm(x, mean, var, weight, bias, EPS), x, g=g)
+    ref = forward_backward(lambda x: F.batch_norm(x, mean, var, weight, bias, False, 0.0, EPS), x, g=g)
+    assert_all_close(ours, ref)
 
 
 def test_frozen_gradients_reach_weight_and_bias_when_they_require_grad():
     x, g = _input((3, 4, 5, 2)), torch.randn(3, 4, 5, 2)
     mean, var = torch.randn(4), torch.rand(4) + 0.1
     weight, bias = _affine(4)
-    ours = _grads(lambda x, w, b: frozen_batch_norm(x, mean, var, w, b, EPS), x, weight, bias, g=g)
-    ref = _grads(
+    ours = forward_backward(lambda x, w, b: frozen_batch_norm(x, mean, var, w, b, EPS), x, weight, bias, g=g)
+    ref = forward_backward(
         lambda x, w, b: (
             (x - _view(mean.double(), 4)) / torch.sqrt(_view(var.double(), 4) + EPS) * _view(w, 4) + _view(b, 4)
         ),
@@ -102,8 +94,7 @@ def test_frozen_gradients_reach_weight_and_bias_when_they_require_grad():
         bias.double(),
         g=g,
     )
-    for a, b in zip(ours, ref, strict=True):
-        assert_close(a, b, dtype=torch.float32)
+    assert_all_close(ours, ref, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------ ghost_batch_norm
@@ -120,16 +111,15 @@ def test_ghost_with_one_ghost_batch_equals_torch_batch_norm(vbs):
     weight, bias = _affine(3)
     rm1, rv1 = torch.randn(3), torch.rand(3) + 0.5
     rm2, rv2 = rm1.clone(), rv1.clone()
-    ours = _grads(
+    ours = forward_backward(
         lambda x, w, b: ghost_batch_norm(x, rm1, rv1, w, b, True, 0.3, EPS, virtual_batch_size=vbs),
         x,
         weight,
         bias,
         g=g,
     )
-    ref = _grads(lambda x, w, b: F.batch_norm(x, rm2, rv2, w, b, True, 0.3, EPS), x, weight, bias, g=g)
-    for a, b in zip(ours, ref, strict=True):
-        assert_close(a, b)
+    ref = forward_backward(lambda x, w, b: F.batch_norm(x, rm2, rv2, w, b, True, 0.3, EPS), x, weight, bias, g=g)
+    assert_all_close(ours, ref)
     assert_close(rm1, rm2)
     assert_close(rv1, rv2)
 
@@ -139,12 +129,11 @@ def test_ghost_normalizes_each_chunk_on_its_own(n, vbs):
     """Even split (N = 3 * vbs) and an uneven last chunk, against the float64 chunk-by-chunk formula."""
     x, g = _input((n, 3, 3, 2)), torch.randn(n, 3, 3, 2)
     weight, bias = _affine(3)
-    ours = _grads(
+    ours = forward_backward(
         lambda x, w, b: ghost_batch_norm(x, None, None, w, b, True, virtual_batch_size=vbs), x, weight, bias, g=g
     )
-    ref = _grads(lambda x, w, b: _ghost64(x, vbs, w, b), x.double(), weight.double(), bias.double(), g=g)
-    for a, b in zip(ours, ref, strict=True):
-        assert_close(a, b, dtype=torch.float32)
+    ref = forward_backward(lambda x, w, b: _ghost64(x, vbs, w, b), x.double(), weight.double(), bias.double(), g=g)
+    assert_all_close(ours, ref, dtype=torch.float32)
     assert not torch.allclose(ours[0], _bn64(x, weight, bias).float(), atol=1e-2)  # ghost batches do matter
 
 
@@ -245,12 +234,11 @@ def test_renorm_without_room_to_correct_equals_torch_batch_norm(shape):
     weight, bias = _affine(3)
     rm1, rv1 = torch.tensor([5.0, -4.0, 0.0]), torch.tensor([0.01, 30.0, 1.0])  # far from the batch's statistics
     rm2, rv2 = rm1.clone(), rv1.clone()
-    ours = _grads(
+    ours = forward_backward(
         lambda x, w, b: batch_renorm(x, rm1, rv1, w, b, True, 0.2, EPS, r_max=1.0, d_max=0.0), x, weight, bias, g=g
     )
-    ref = _grads(lambda x, w, b: F.batch_norm(x, rm2, rv2, w, b, True, 0.2, EPS), x, weight, bias, g=g)
-    for a, b in zip(ours, ref, strict=True):
-        assert_close(a, b)
+    ref = forward_backward(lambda x, w, b: F.batch_norm(x, rm2, rv2, w, b, True, 0.2, EPS), x, weight, bias, g=g)
+    assert_all_close(ours, ref)
     assert_close(rm1, rm2)
     assert_close(rv1, rv2)
 
@@ -282,22 +270,21 @@ def test_renorm_has_no_gradient_through_r_and_d():
     var, mean = torch.var_mean(x, (0, 2, 3), unbiased=False)
     running_mean, running_var = mean + torch.tensor([0.3, -0.2, 0.1]), var * torch.tensor([1.5, 0.6, 1.2])
     weight, bias = _affine(3)
-    ours = _grads(
+    ours = forward_backward(
         lambda x, w, b: batch_renorm(x, running_mean.clone(), running_var.clone(), w, b, True),
         x,
         weight,
         bias,
         g=g,
     )
-    ref = _grads(
+    ref = forward_backward(
         lambda x, w, b: _renorm64(x, running_mean, running_var, 3.0, 5.0, w, b),
         x.double(),
         weight.double(),
         bias.double(),
         g=g,
     )
-    for a, b in zip(ours, ref, strict=True):
-        assert_close(a, b, dtype=torch.float32)
+    assert_all_close(ours, ref, dtype=torch.float32)
 
     def through_r_and_d(x):  # the same function with gradients through r and d: a different input gradient
         x = x.double()
@@ -306,7 +293,7 @@ def test_renorm_has_no_gradient_through_r_and_d():
         r, d = torch.sqrt(var + EPS) / sigma, (mean - _view(running_mean.double(), 4)) / sigma
         return ((x - mean) / torch.sqrt(var + EPS) * r + d) * _view(weight.double(), 4)
 
-    assert not torch.allclose(ours[1], _grads(through_r_and_d, x, g=g)[1], atol=1e-3)
+    assert not torch.allclose(ours[1], forward_backward(through_r_and_d, x, g=g)[1], atol=1e-3)
 
 
 def test_renorm_updates_running_stats_like_batch_norm_whatever_the_bounds():

@@ -9,48 +9,20 @@ from hypothesis import strategies as st
 
 from normlab.functional import group_norm, layer_norm, layer_norm2d, rms_norm, rms_norm2d
 from normlab.kernels import native
+from tests.helpers import (
+    CHANNELS_LAST,
+    assert_all_close,
+    assert_same_memory_format,
+    forward_backward,
+    in_format,
+    seeded_randn,
+)
 from tests.tolerances import assert_close
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 # |statistic - target| allowed for a normalized output; bfloat16 output rounding alone moves values by 2**-9.
 STAT_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2}
-CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 SHAPES = [(5, 6), (2, 6, 7), (3, 6, 5, 4), (2, 6, 3, 2, 5)]
-
-
-def grad_like(y: torch.Tensor) -> torch.Tensor:
-    """A fixed pseudo-random output gradient, the same for every implementation compared."""
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    return g.to(y.dtype)
-
-
-def forward_backward(fn, x, *params):
-    """``fn(x, *params)`` and the gradients of x and of each non-None parameter."""
-    x = x.detach().clone().requires_grad_()
-    params = [None if p is None else p.detach().clone().requires_grad_() for p in params]
-    y = fn(x, *params)
-    y.backward(grad_like(y))
-    return [y.detach(), x.grad] + [p.grad for p in params if p is not None]
-
-
-def assert_all_close(actual, expected, dtype=None, scale=1.0):
-    assert len(actual) == len(expected)
-    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        assert_close(a, e, dtype=dtype, scale=scale, msg=f"tensor {i}")
-
-
-def seeded_randn(shape, dtype) -> torch.Tensor:
-    """Standard normal values that depend only on the arguments (hypothesis examples must be reproducible)."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
-
-
-def in_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return x.contiguous(memory_format=CHANNELS_LAST[x.dim()]) if channels_last else x
-
-
-def assert_same_memory_format(y: torch.Tensor, x: torch.Tensor):
-    formats = [torch.contiguous_format] + ([CHANNELS_LAST[x.dim()]] if x.dim() in CHANNELS_LAST else [])
-    assert [y.is_contiguous(memory_format=f) for f in formats] == [x.is_contiguous(memory_format=f) for f in formats]
 
 
 def per_channel(p: torch.Tensor, ndim: int) -> torch.Tensor:

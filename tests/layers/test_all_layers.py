@@ -135,3 +135,41 @@ def test_channel_mismatch_and_wrong_rank_raise(spec):
         module(wrong_c)
     with pytest.raises(ValueError, match=r"expected .*D input.*got input of shape \(4, 8, 1, 1, 1, 1\)"):
         module(torch.randn(4, C, 1, 1, 1, 1))
+
+
+CONVS = [
+    pytest.param(lambda **kw: normlab.StdConv2d(3, 4, 3, padding=1, **kw), id="StdConv2d"),
+    pytest.param(lambda **kw: normlab.ScaledStdConv2d(3, 4, 3, padding=1, gamma=1.7, **kw), id="ScaledStdConv2d"),
+]
+
+
+@pytest.mark.parametrize("make_conv", CONVS)
+def test_weight_standardized_convs_gradcheck(make_conv):
+    conv = make_conv(dtype=torch.float64)
+    names = [n for n, _ in conv.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in conv.parameters())
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *params):
+        return functional_call(conv, dict(zip(names, params)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make_conv", CONVS)
+def test_weight_standardized_convs_compile_fullgraph(make_conv):
+    torch._dynamo.reset()
+    eager = make_conv()
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
+    for training in (True, False):
+        eager.train(training)
+        compiled.train(training)
+        x = torch.randn(2, 3, 6, 6)
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make_conv", CONVS)
+def test_weight_standardized_convs_reject_bad_eps(make_conv):
+    with pytest.raises(ValueError, match=r"eps=0.0"):
+        make_conv(eps=0.0)

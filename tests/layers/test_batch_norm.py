@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import normlab
 from normlab import kernels
+from tests.helpers import assert_same_training, randomize_weight_and_bias
 from tests.tolerances import assert_close
 
 CASES = [
@@ -22,10 +23,7 @@ BACKENDS = ["native", "reference"]
 
 
 def _pair(ours_cls, torch_cls, c, **kw):
-    ours, ref = ours_cls(c, **kw), torch_cls(c, **kw)
-    with torch.no_grad():
-        ref.weight.uniform_(0.5, 1.5)
-        ref.bias.uniform_(-0.5, 0.5)
+    ours, ref = ours_cls(c, **kw), randomize_weight_and_bias(torch_cls(c, **kw))
     ours.load_state_dict(ref.state_dict())
     return ours, ref
 
@@ -36,20 +34,7 @@ def _pair(ours_cls, torch_cls, c, **kw):
 def test_matches_torch_train_and_eval(ours_cls, torch_cls, shape, momentum, backend):
     ours, ref = _pair(ours_cls, torch_cls, shape[1], momentum=momentum)
     with kernels.use_backend(backend):
-        for step in range(3):
-            x = torch.randn(shape) * 3 + step
-            x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-            g = torch.randn(shape)
-            y1, y2 = ours(x1), ref(x2)
-            assert_close(y1, y2)
-            (y1 * g).sum().backward()
-            (y2 * g).sum().backward()
-            assert_close(x1.grad, x2.grad)
-            assert_close(ours.weight.grad, ref.weight.grad)
-            assert_close(ours.bias.grad, ref.bias.grad)
-            assert_close(ours.running_mean, ref.running_mean)
-            assert_close(ours.running_var, ref.running_var)
-            assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+        assert_same_training(ours, ref, [shape] * 3, scale=3.0, shift=0.0)
         ours.eval()
         ref.eval()
         x = torch.randn(shape)

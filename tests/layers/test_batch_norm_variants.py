@@ -17,6 +17,7 @@ from normlab.layers import (
     FrozenBatchNorm2d,
     GhostBatchNorm2d,
 )
+from tests.helpers import assert_same_training, forward_backward, output_and_input_grad, randomize_weight_and_bias
 from tests.tolerances import assert_close
 
 FOUR_KEYS = {"weight", "bias", "running_mean", "running_var"}
@@ -24,37 +25,26 @@ FOUR_KEYS = {"weight", "bias", "running_mean", "running_var"}
 
 def _trained_bn(bn_cls=nn.BatchNorm2d, c=3, shape=(6, 3, 4, 4), **kw):
     """A torch batch norm with non-trivial affine and running statistics."""
-    bn = bn_cls(c, **kw)
-    with torch.no_grad():
-        if bn.weight is not None:
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.5, 0.5)
+    bn = randomize_weight_and_bias(bn_cls(c, **kw))
     if bn.track_running_stats:
         for _ in range(2):
             bn(torch.randn(shape) * 2 + 1)
     return bn
 
 
-def _step(module, x, g):
-    """Forward and backward on a fresh leaf: (output, input grad)."""
-    x = x.detach().clone().requires_grad_()
-    y = module(x)
-    (y * g).sum().backward()
-    return y, x.grad
-
-
-def _assert_same_training(ours, ref, shapes, scale=3.0, shift=1.0):
-    """Several training steps: outputs, input/parameter gradients, running statistics and step counts agree."""
-    for step, shape in enumerate(shapes):
-        x, g = torch.randn(shape) * scale + shift + step, torch.randn(shape)
-        for a, b in zip(_step(ours, x, g), _step(ref, x, g), strict=True):
-            assert_close(a, b)
-        if ref.weight is not None:
-            assert_close(ours.weight.grad, ref.weight.grad)
-            assert_close(ours.bias.grad, ref.bias.grad)
-        assert_close(ours.running_mean, ref.running_mean)
-        assert_close(ours.running_var, ref.running_var)
-        assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+def _assert_step_matches_functional(ours, reference, x, g, running_mean, running_var):
+    """One training step of ``ours`` against ``reference(x, running_mean, running_var, weight, bias)`` with ours'
+    weight and bias, which updates the given running statistics: output, input and parameter gradients and running
+    statistics agree. Resets ours' parameter gradients."""
+    y, gx = output_and_input_grad(ours, x, g)
+    yr, gxr, gw, gb = forward_backward(
+        lambda x, w, b: reference(x, running_mean, running_var, w, b), x, ours.weight, ours.bias, g=g
+    )
+    for a, e in [(y, yr), (gx, gxr), (ours.running_mean, running_mean), (ours.running_var, running_var)]:
+        assert_close(a, e)
+    assert_close(ours.weight.grad, gw)
+    assert_close(ours.bias.grad, gb)
+    ours.weight.grad = ours.bias.grad = None
 
 
 # ---------------------------------------------------------------------------------------------- FrozenBatchNorm
@@ -66,7 +56,7 @@ def test_frozen2d_equals_torch_batch_norm_eval_from_its_state_dict():
     frozen.load_state_dict(bn.state_dict())  # strict: num_batches_tracked is ignored
     assert set(frozen.state_dict()) == FOUR_KEYS
     x, g = torch.randn(5, 3, 7, 6), torch.randn(5, 3, 7, 6)
-    for a, b in zip(_step(frozen, x, g), _step(bn, x, g), strict=True):
+    for a, b in zip(output_and_input_grad(frozen, x, g), output_and_input_grad(bn, x, g), strict=True):
         assert_close(a, b)
     y_train = frozen.train()(x)
     y_eval = frozen.eval()(x)
@@ -78,7 +68,7 @@ def test_frozen_has_no_parameters_and_never_changes():
     before = {k: v.clone() for k, v in frozen.state_dict().items()}
     assert list(frozen.parameters()) == []
     frozen.train()
-    _step(frozen, torch.randn(4, 3, 5, 5) * 5 + 3, torch.randn(4, 3, 5, 5))
+    output_and_input_grad(frozen, torch.randn(4, 3, 5, 5) * 5 + 3, torch.randn(4, 3, 5, 5))
     for k, v in frozen.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -88,7 +78,7 @@ def test_frozen1d_equals_torch_batch_norm1d_eval(shape):
     bn = _trained_bn(nn.BatchNorm1d, shape=shape).eval()
     frozen = FrozenBatchNorm1d.from_batch_norm(bn)
     x, g = torch.randn(shape), torch.randn(shape)
-    for a, b in zip(_step(frozen, x, g), _step(bn, x, g), strict=True):
+    for a, b in zip(output_and_input_grad(frozen, x, g), output_and_input_grad(bn, x, g), strict=True):
         assert_close(a, b)
 
 
@@ -169,7 +159,7 @@ def test_ghost_with_one_ghost_batch_equals_torch_batch_norm(vbs, momentum):
     ref = _trained_bn(momentum=momentum)
     ours = GhostBatchNorm2d(3, virtual_batch_size=vbs, momentum=momentum)
     ours.load_state_dict(ref.state_dict())
-    _assert_same_training(ours, ref, [(6, 3, 4, 5)] * 3)
+    assert_same_training(ours, ref, [(6, 3, 4, 5)] * 3)
     ours.eval()
     ref.eval()
     x = torch.randn(6, 3, 4, 5)
@@ -178,23 +168,18 @@ def test_ghost_with_one_ghost_batch_equals_torch_batch_norm(vbs, momentum):
 
 @pytest.mark.parametrize("n", [12, 11])
 def test_ghost_module_matches_functional_reference(n):
-    ours = GhostBatchNorm2d(3, virtual_batch_size=4, momentum=0.2)
-    with torch.no_grad():
-        ours.weight.uniform_(0.5, 1.5)
-        ours.bias.uniform_(-0.5, 0.5)
-    weight, bias = ours.weight.detach().clone(), ours.bias.detach().clone()
+    ours = randomize_weight_and_bias(GhostBatchNorm2d(3, virtual_batch_size=4, momentum=0.2))
     running_mean, running_var = ours.running_mean.clone(), ours.running_var.clone()
     for step in range(2):
         x, g = torch.randn(n, 3, 3, 4) * 2 + step, torch.randn(n, 3, 3, 4)
-        y, gx = _step(ours, x, g)
-        xr, w, b = (t.clone().requires_grad_() for t in (x, weight, bias))
-        yr = ghost_batch_norm(xr, running_mean, running_var, w, b, True, 0.2, 1e-5, virtual_batch_size=4)
-        (yr * g).sum().backward()
-        for a, e in [(y, yr), (gx, xr.grad), (ours.running_mean, running_mean), (ours.running_var, running_var)]:
-            assert_close(a, e)
-        assert_close(ours.weight.grad, w.grad)
-        assert_close(ours.bias.grad, b.grad)
-        ours.weight.grad = ours.bias.grad = None
+        _assert_step_matches_functional(
+            ours,
+            lambda *a: ghost_batch_norm(*a, True, 0.2, 1e-5, virtual_batch_size=4),
+            x,
+            g,
+            running_mean,
+            running_var,
+        )
 
 
 def test_ghost_and_torch_batch_norm_state_dicts_load_both_ways():
@@ -240,7 +225,7 @@ def test_renorm_without_room_to_correct_equals_torch_batch_norm():
     ref = _trained_bn(momentum=0.3)
     ours = BatchRenorm2d(3, r_max=1.0, d_max=0.0, momentum=0.3)
     ours.load_state_dict(ref.state_dict())
-    _assert_same_training(ours, ref, [(4, 3, 5, 5), (3, 3, 5, 5), (4, 3, 5, 5), (2, 3, 5, 5)], scale=4.0, shift=2.0)
+    assert_same_training(ours, ref, [(4, 3, 5, 5), (3, 3, 5, 5), (4, 3, 5, 5), (2, 3, 5, 5)], scale=4.0, shift=2.0)
     ours.eval()
     ref.eval()
     x = torch.randn(4, 3, 5, 5)
@@ -253,16 +238,14 @@ def _far_state():
     with torch.no_grad():
         bn.running_mean.copy_(torch.tensor([8.0, -8.0, 3.0]))
         bn.running_var.copy_(torch.tensor([0.01, 50.0, 0.1]))
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-    return bn
+    return randomize_weight_and_bias(bn)
 
 
 def test_renorm_warmup_starts_as_batch_norm_then_ramps():
     ref = _far_state()
     ours = BatchRenorm2d(3, warmup_steps=10)
     ours.load_state_dict(ref.state_dict())
-    _assert_same_training(ours, ref, [(4, 3, 5, 5)], scale=1.0, shift=0.0)  # step 1: plain BatchNorm
+    assert_same_training(ours, ref, [(4, 3, 5, 5)], scale=1.0, shift=0.0)  # step 1: plain BatchNorm
     r_max, d_max = ours.current_limits()
     assert_close(torch.stack([r_max, d_max]), torch.tensor([1.2, 0.5]))
     running_mean, running_var = ours.running_mean.clone(), ours.running_var.clone()
@@ -281,19 +264,17 @@ def test_renorm_warmup_starts_as_batch_norm_then_ramps():
 def test_renorm_module_matches_functional_reference():
     ours = BatchRenorm2d(3, r_max=2.0, d_max=1.0, momentum=0.2)
     ours.load_state_dict(_far_state().state_dict())
-    weight, bias = ours.weight.detach().clone(), ours.bias.detach().clone()
     running_mean, running_var = ours.running_mean.clone(), ours.running_var.clone()
     for _ in range(3):
         x, g = torch.randn(5, 3, 4, 3), torch.randn(5, 3, 4, 3)
-        y, gx = _step(ours, x, g)
-        xr, w, b = (t.clone().requires_grad_() for t in (x, weight, bias))
-        yr = batch_renorm(xr, running_mean, running_var, w, b, True, 0.2, 1e-5, r_max=2.0, d_max=1.0)
-        (yr * g).sum().backward()
-        for a, e in [(y, yr), (gx, xr.grad), (ours.running_mean, running_mean), (ours.running_var, running_var)]:
-            assert_close(a, e)
-        assert_close(ours.weight.grad, w.grad)
-        assert_close(ours.bias.grad, b.grad)
-        ours.weight.grad = ours.bias.grad = None
+        _assert_step_matches_functional(
+            ours,
+            lambda *a: batch_renorm(*a, True, 0.2, 1e-5, r_max=2.0, d_max=1.0),
+            x,
+            g,
+            running_mean,
+            running_var,
+        )
 
 
 def test_renorm_loads_torch_batch_norm_state_dict_with_identical_eval():

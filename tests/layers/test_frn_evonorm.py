@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from normlab import functional, kernels
 from normlab.layers import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNorm2d
+from tests.helpers import assert_same_step, randomize_weight_and_bias
 from tests.tolerances import assert_close
 
 
@@ -178,22 +179,11 @@ def test_b0_momentum_none_is_the_cumulative_average():
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_b0_without_nonlinearity_is_torch_batch_norm(momentum):
     ours = EvoNorm2dB0(5, momentum=momentum, nonlinearity=False)
-    ref = torch.nn.BatchNorm2d(5, momentum=momentum)
-    with torch.no_grad():
-        ref.weight.uniform_(0.5, 1.5)
-        ref.bias.uniform_(-0.5, 0.5)
+    ref = randomize_weight_and_bias(torch.nn.BatchNorm2d(5, momentum=momentum))
     ours.load_state_dict(ref.state_dict())
     for step in range(3):
         x = torch.randn(3, 5, 4, 3) * 2 + step
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        g = torch.randn_like(x)
-        y1, y2 = ours(x1), ref(x2)
-        assert_close(y1, y2)
-        (y1 * g).sum().backward()
-        (y2 * g).sum().backward()
-        assert_close(x1.grad, x2.grad)
-        assert_close(ours.weight.grad, ref.weight.grad)
-        assert_close(ours.bias.grad, ref.bias.grad)
+        assert_same_step(ours, ref, x, torch.randn_like(x))
         assert_close(ours.running_mean, ref.running_mean)
         assert_close(ours.running_var, ref.running_var)
     ours.eval()
@@ -232,21 +222,10 @@ def test_b0_parameters():
 @pytest.mark.parametrize("training", [True, False])
 def test_s0_without_nonlinearity_is_torch_group_norm(training):
     ours = EvoNorm2dS0(6, num_groups=3, nonlinearity=False).train(training)
-    ref = torch.nn.GroupNorm(3, 6).train(training)
-    with torch.no_grad():
-        ref.weight.uniform_(0.5, 1.5)
-        ref.bias.uniform_(-0.5, 0.5)
+    ref = randomize_weight_and_bias(torch.nn.GroupNorm(3, 6).train(training))
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(2, 6, 5, 3) * 2 + 1
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    g = torch.randn_like(x)
-    y1, y2 = ours(x1), ref(x2)
-    assert_close(y1, y2)
-    (y1 * g).sum().backward()
-    (y2 * g).sum().backward()
-    assert_close(x1.grad, x2.grad)
-    assert_close(ours.weight.grad, ref.weight.grad)
-    assert_close(ours.bias.grad, ref.bias.grad)
+    assert_same_step(ours, ref, x, torch.randn_like(x))
 
 
 def test_s0_group_rules():

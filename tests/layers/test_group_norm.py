@@ -10,6 +10,7 @@ from normlab import kernels
 from normlab.functional import group_norm, instance_norm
 from normlab.layers.group_norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normlab.layers.layer_norm import LayerNorm
+from tests.helpers import assert_all_close, randomize_affine, run
 from tests.tolerances import assert_close
 
 BACKENDS = ["reference", "native"]
@@ -18,34 +19,6 @@ INSTANCE_CASES = [
     (InstanceNorm2d, torch.nn.InstanceNorm2d, (2, 5, 7, 3)),
     (InstanceNorm3d, torch.nn.InstanceNorm3d, (2, 5, 3, 2, 3)),
 ]
-
-
-def grad_like(y: torch.Tensor) -> torch.Tensor:
-    """A fixed pseudo-random output gradient, the same for every module compared."""
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    return g.to(y.dtype)
-
-
-def run(module, x):
-    """Output, input gradient and parameter gradients of ``module`` at ``x``."""
-    module.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
-    y = module(x)
-    y.backward(grad_like(y))
-    return [y.detach(), x.grad] + [p.grad for p in module.parameters()]
-
-
-def assert_all_close(actual, expected, **kw):
-    assert len(actual) == len(expected)
-    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        assert_close(a, e, msg=f"tensor {i}", **kw)
-
-
-def randomize_affine(module):
-    with torch.no_grad():
-        for p in module.parameters():
-            p.uniform_(-1.5, 1.5)
-    return module
 
 
 # ---- GroupNorm ----------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import normlab
+from tests.helpers import randomize_weight_and_bias
 
 C = 3
 WORLD = 2
@@ -24,10 +25,7 @@ def _free_port() -> int:
 def _reference(sizes, spatial, steps):
     """Single-process torch BatchNorm on the concatenated batches: outputs, input grads, param grads, stats."""
     torch.manual_seed(1)
-    bn = torch.nn.BatchNorm2d(C, momentum=None)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
+    bn = randomize_weight_and_bias(torch.nn.BatchNorm2d(C, momentum=None))
     state = {k: v.clone() for k, v in bn.state_dict().items()}
     results = []
     for step in range(steps):
