@@ -29,6 +29,7 @@ from .layers import (
     ScaledStdConv2d,
     StdConv2d,
 )
+from .surgery import AccumulatingBN, accumulating_bn
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,9 @@ __all__ = [
     "functional",
     "kernels",
     "layers",
+    # surgery
+    "AccumulatingBN",
+    "accumulating_bn",
     # factory
     "NormLayerFactory",
     "create_norm_layer",
