@@ -129,8 +129,10 @@ def test_bad_steps(steps):
             pass
 
 
-@pytest.mark.parametrize("make", BNS)
+@pytest.mark.parametrize("make", BNS[:2])
 def test_gradients_inside_the_block_equal_plain_training(make):
+    """(Not Batch Renorm: its r and d read the running statistics, which now change once per accumulated batch, as
+    they would for the large batch.)"""
     bn, ref = make(5), make(5)
     x = _stream(1, 8)[0]
     with normlab.accumulating_bn(bn, steps=2):

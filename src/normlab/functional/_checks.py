@@ -16,6 +16,7 @@ __all__ = [
     "check_positive_float",
     "check_nonnegative_float",
     "check_momentum",
+    "check_decay",
     "check_divides",
     "check_input",
     "check_batch_has_values",
@@ -54,6 +55,13 @@ def check_momentum(owner: str, value) -> float | None:
             f"{owner}: momentum={value!r} must be None (cumulative average) or a number in [0, 1] "
             "(PyTorch convention: new = (1 - momentum) * old + momentum * batch; Keras' 0.9 is PyTorch's 0.1)"
         )
+    return float(value)
+
+
+def check_decay(owner: str, name: str, value) -> float:
+    """Return ``float(value)`` if it is an exponential-average decay factor in [0, 1), else raise ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{owner}: {name}={value!r} must be a decay factor in [0, 1)")
     return float(value)
 
 

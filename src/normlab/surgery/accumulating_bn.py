@@ -171,6 +171,9 @@ def accumulating_bn(model: nn.Module, steps: int) -> Iterator[AccumulatingBN]:
       micro-batch statistics, so its statistics differ (slightly) from a large-batch run's. The first batch norm
       of a network, and every one in eval-equivalence tests such as recalibration, matches exactly.
 
+    * BatchRenorm2d's r and d read the running statistics, which now stay fixed through the accumulated batch
+      (as they would for one large batch) instead of moving after every micro-batch.
+
     Cost: one extra read of each batch norm's input per training forward (the micro-batch statistics). Eager mode
     only (hooks with Python state); modules in eval mode are untouched.
 
