@@ -11,6 +11,7 @@ from .frozen_batch_norm import frozen_batch_norm
 from .ghost_batch_norm import ghost_batch_norm
 from .group_norm import group_norm, instance_norm
 from .layer_norm import layer_norm, layer_norm2d, rms_norm, rms_norm2d
+from .online_norm import layer_scale, online_norm
 from .recurrent_batch_norm import recurrent_batch_norm
 from .weight_standardization import standardize_weight
 
@@ -28,6 +29,8 @@ __all__ = [
     "instance_norm",
     "layer_norm",
     "layer_norm2d",
+    "layer_scale",
+    "online_norm",
     "recurrent_batch_norm",
     "rms_norm",
     "rms_norm2d",

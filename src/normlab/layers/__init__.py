@@ -8,6 +8,8 @@ from .frozen_batch_norm import FrozenBatchNorm1d, FrozenBatchNorm2d
 from .ghost_batch_norm import GhostBatchNorm2d
 from .group_norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer_norm import LayerNorm, LayerNorm2d, RMSNorm, RMSNorm2d
+from .online_norm import OnlineNorm1d, OnlineNorm2d
+from .recurrent_batch_norm import RecurrentBatchNorm1d
 from .weight_standardization import ScaledStdConv2d, StdConv2d
 
 __all__ = [
@@ -27,8 +29,11 @@ __all__ = [
     "InstanceNorm3d",
     "LayerNorm",
     "LayerNorm2d",
+    "OnlineNorm1d",
+    "OnlineNorm2d",
     "RMSNorm",
     "RMSNorm2d",
+    "RecurrentBatchNorm1d",
     "ScaledStdConv2d",
     "StdConv2d",
 ]
