@@ -8,7 +8,7 @@ Spec strings (case-insensitive, ``-`` read as ``_``):
 =================  ===================================================================
 ``bn``             BatchNorm2d (also ``bn1d``, ``bn2d``, ``bn3d``)
 ``syncbn``         BatchNorm2d(sync=True): statistics all-reduced over the default process group
-``frozen_bn``      FrozenBatchNorm2d (also ``frozen_bn1d``)
+``frozen_bn``      FrozenBatchNorm2d (also ``frozen_bn1d``, ``frozen_bn3d``)
 ``ghost_bn:16``    GhostBatchNorm2d(virtual_batch_size=16)
 ``brn``            BatchRenorm2d
 ``gn32``           GroupNorm(num_groups=32); ``gn`` = ``gn32``; ``gn:8`` = 8 groups; ``gn:gs16`` = 16 channels/group
@@ -18,6 +18,8 @@ Spec strings (case-insensitive, ``-`` read as ``_``):
 ``rms``/``rms2d``  RMSNorm / RMSNorm2d
 ``frn``            FilterResponseNorm2d with TLU
 ``evo_b0``         EvoNorm2dB0; ``evo_s0`` EvoNorm2dS0 (takes ``:G`` / ``:gsK`` like gn)
+``online``         OnlineNorm2d (also ``online1d``): streaming statistics, batch size 1 and varying batches
+``mabn``           MovingAverageBatchNorm2d: moving-average statistics in forward and backward
 ``none``           torch.nn.Identity
 =================  ===================================================================
 
@@ -82,6 +84,7 @@ _REGISTRY: dict[str, _Entry] = {
     "syncbn": _Entry("BatchNorm2d", {"sync": True}),
     "frozen_bn": _Entry("FrozenBatchNorm2d"),
     "frozen_bn1d": _Entry("FrozenBatchNorm1d"),
+    "frozen_bn3d": _Entry("FrozenBatchNorm3d"),
     "ghost_bn": _Entry("GhostBatchNorm2d", parse_arg=_virtual_batch_arg),
     "brn": _Entry("BatchRenorm2d"),
     "gn": _Entry("GroupNorm", parse_arg=_group_arg),
@@ -95,6 +98,9 @@ _REGISTRY: dict[str, _Entry] = {
     "frn": _Entry("FilterResponseNorm2d"),
     "evo_b0": _Entry("EvoNorm2dB0"),
     "evo_s0": _Entry("EvoNorm2dS0", parse_arg=_group_arg),
+    "online": _Entry("OnlineNorm2d"),
+    "online1d": _Entry("OnlineNorm1d"),
+    "mabn": _Entry("MovingAverageBatchNorm2d"),
     "none": _Entry("Identity"),
 }
 
@@ -116,6 +122,7 @@ _ALIASES: dict[str, str] = {
     "frozenbatchnorm": "frozen_bn",
     "frozenbatchnorm2d": "frozen_bn",
     "frozenbatchnorm1d": "frozen_bn1d",
+    "frozenbatchnorm3d": "frozen_bn3d",
     "ghostbn": "ghost_bn",
     "ghostbatchnorm": "ghost_bn",
     "ghostbatchnorm2d": "ghost_bn",
@@ -147,6 +154,12 @@ _ALIASES: dict[str, str] = {
     "evonorms0": "evo_s0",
     "evonorm_s0": "evo_s0",
     "evonorm2ds0": "evo_s0",
+    "onlinenorm": "online",
+    "online_norm": "online",
+    "onlinenorm2d": "online",
+    "onlinenorm1d": "online1d",
+    "movingaveragebatchnorm2d": "mabn",
+    "movingaveragebatchnorm": "mabn",
     "identity": "none",
     "": "none",
     # timm: GroupNorm with one group is a LayerNorm over (C, H, W)

@@ -44,6 +44,8 @@ def test_every_registered_spec_is_covered():
 @pytest.mark.parametrize("training", [True, False])
 def test_float64_gradcheck(spec, training):
     module = randomize(make(spec, dtype=torch.float64)).train(training)
+    if training and spec in ("online", "online1d"):
+        pytest.skip("Online Normalization's training backward is the paper's online estimate, not the derivative")
     if spec == "brn":
         # Batch Renorm's r and d are stop-gradient by design, so its gradient is the true derivative only where
         # both are clipped: running statistics far from the batch's make them constant (r = 1/r_max, d = d_max).
@@ -140,6 +142,7 @@ def test_channel_mismatch_and_wrong_rank_raise(spec):
 CONVS = [
     pytest.param(lambda **kw: normlab.StdConv2d(3, 4, 3, padding=1, **kw), id="StdConv2d"),
     pytest.param(lambda **kw: normlab.ScaledStdConv2d(3, 4, 3, padding=1, gamma=1.7, **kw), id="ScaledStdConv2d"),
+    pytest.param(lambda **kw: normlab.layers.CenteredConv2d(3, 4, 3, padding=1, **kw), id="CenteredConv2d"),
 ]
 
 
@@ -169,7 +172,7 @@ def test_weight_standardized_convs_compile_fullgraph(make_conv):
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("make_conv", CONVS)
+@pytest.mark.parametrize("make_conv", CONVS[:2])
 def test_weight_standardized_convs_reject_bad_eps(make_conv):
     with pytest.raises(ValueError, match=r"eps=0.0"):
         make_conv(eps=0.0)

@@ -11,6 +11,7 @@ from .frozen_batch_norm import frozen_batch_norm
 from .ghost_batch_norm import ghost_batch_norm
 from .group_norm import group_norm, instance_norm
 from .layer_norm import layer_norm, layer_norm2d, rms_norm, rms_norm2d
+from .mabn import center_weight, moving_average_batch_norm
 from .online_norm import layer_scale, online_norm
 from .recurrent_batch_norm import recurrent_batch_norm
 from .weight_standardization import standardize_weight
@@ -20,6 +21,7 @@ __all__ = [
     "batch_norm",
     "batch_renorm",
     "batch_stats",
+    "center_weight",
     "evonorm_b0",
     "evonorm_s0",
     "filter_response_norm",
@@ -30,6 +32,7 @@ __all__ = [
     "layer_norm",
     "layer_norm2d",
     "layer_scale",
+    "moving_average_batch_norm",
     "online_norm",
     "recurrent_batch_norm",
     "rms_norm",

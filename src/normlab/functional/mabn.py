@@ -98,6 +98,41 @@ def _check_state(x: torch.Tensor, running_var, x2_window, psi_window, num_batche
         )
 
 
+# The statistics that depend on the state are computed in an opaque custom op, so that torch.compile saves them for
+# the backward. As plain ops, AOTAutograd's partitioner (torch 2.13, inductor) may recompute them in the backward
+# from the buffers, which by then hold the *updated* values (the step count, the EMA), and the input gradient comes
+# out wrong (see batch_renorm's correction for the same problem).
+@torch.library.custom_op("normlab::mabn_statistics", mutates_args=())
+def _mabn_statistics(
+    x2: torch.Tensor,
+    x2_window: torch.Tensor,
+    running_var: torch.Tensor,
+    step: torch.Tensor,
+    eps: float,
+    r_max: float,
+    warmup_iters: int,
+    renorm_after: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chi_bar^2, r, slot, use_average) for the training step after ``step`` earlier ones; nothing is mutated."""
+    buffer_size = x2_window.shape[0]
+    step = step.reshape(())
+    slot = torch.remainder(step, buffer_size).reshape(1)
+    window = x2_window.to(x2.dtype).index_copy(0, slot, x2.unsqueeze(0))
+    use_average = step >= max(warmup_iters, buffer_size)
+    x2_bar = torch.where(use_average, window.mean(0), x2)
+    ratio = ((x2_bar + eps) / (running_var.to(x2.dtype) + eps)).sqrt()
+    renormalize = step >= max(renorm_after, warmup_iters)
+    r = torch.where(renormalize, ratio.clamp(1.0 / r_max, r_max), torch.ones_like(ratio))
+    return x2_bar, r, slot, use_average
+
+
+@_mabn_statistics.register_fake
+def _(x2, x2_window, running_var, step, eps, r_max, warmup_iters, renorm_after):
+    slot = torch.empty(1, dtype=step.dtype, device=step.device)
+    use_average = torch.empty((), dtype=torch.bool, device=step.device)
+    return torch.empty_like(x2), torch.empty_like(x2), slot, use_average
+
+
 class _MovingAverageNormalize(torch.autograd.Function):
     r"""x -> x_hat = r x / sqrt(chi_bar^2 + eps): the forward and backward of MABN's training step, without affine.
 
@@ -106,31 +141,31 @@ class _MovingAverageNormalize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, running_var, x2_window, psi_window, num_batches_tracked, momentum, eps, warmup_iters,
-                r_max, renorm_after):
-        dims = _reduce_dims(x)
-        acc = accumulation_dtype(x.dtype)
-        xf = x.to(acc)
-        step = num_batches_tracked.reshape(())  # training batches seen before this one
-        buffer_size = x2_window.shape[0]
-        slot = torch.remainder(step, buffer_size).reshape(1)
-        use_average = step >= max(warmup_iters, buffer_size)
-        renormalize = step >= max(renorm_after, warmup_iters)
-
-        x2 = xf.square().mean(dims)
+    def forward(
+        ctx,
+        x,
+        running_var,
+        x2_window,
+        psi_window,
+        num_batches_tracked,
+        momentum,
+        eps,
+        warmup_iters,
+        r_max,
+        renorm_after,
+    ):
+        x2 = x.to(accumulation_dtype(x.dtype)).square().mean(_reduce_dims(x))
+        x2_bar, r, slot, use_average = _mabn_statistics(
+            x2, x2_window, running_var, num_batches_tracked, eps, r_max, warmup_iters, renorm_after
+        )
         x2_window.index_copy_(0, slot, x2.to(x2_window.dtype).unsqueeze(0))
-        x2_bar = torch.where(use_average, x2_window.to(acc).mean(0), x2)
-        ratio = ((x2_bar + eps) / (running_var.to(acc) + eps)).sqrt()
-        r = torch.where(renormalize, ratio.clamp(1.0 / r_max, r_max), torch.ones_like(ratio))
-        invstd = torch.rsqrt(x2_bar + eps)
-
         running_var.lerp_(x2_bar.to(running_var.dtype), momentum)
         num_batches_tracked.add_(1)
-
+        invstd = torch.rsqrt(x2_bar + eps)
         # the window is not a saved tensor: a second call's backward in the same graph writes it after this one's
         ctx.psi_window = psi_window
         ctx.save_for_backward(x, invstd, r, slot, use_average)
-        return xf * channel_view(invstd * r, x.dim())
+        return x.to(x2.dtype) * channel_view(invstd * r, x.dim())
 
     @staticmethod
     def backward(ctx, grad_xhat):
@@ -228,8 +263,8 @@ def moving_average_batch_norm(
     Note:
         Training normalizes with the moving averages (after warm-up, rescaled towards the EMA by r) and updates
         every buffer. Eval computes :math:`y = \gamma x / \sqrt{\hat\chi^2 + \epsilon} + \beta`, the same
-        per-channel affine map as a batch norm in eval, and leaves the state alone. Once training has renormalized
-        with an unclipped r, the training and eval forward passes agree.
+        per-channel affine map as a batch norm in eval, and leaves the state alone. While r is in force and not
+        clipped, the training forward equals the eval forward with the running_var from before the step.
 
     Example:
         >>> c = 3
@@ -241,14 +276,25 @@ def moving_average_batch_norm(
         >>> int(nbt), bool(y.square().mean((0, 2, 3)).sub(1).abs().max() < 1e-3)
         (1, True)
     """
-    momentum, warmup_iters, r_max, renorm_after = check_mabn_args(
-        "moving_average_batch_norm", momentum, warmup_iters, r_max, renorm_after
-    )
+    if not torch.compiler.is_compiling():
+        # under torch.compile these may be symbolic numbers (after a recompilation for a new value), which the
+        # checks cannot inspect; modules validate them once, at construction
+        momentum, warmup_iters, r_max, renorm_after = check_mabn_args(
+            "moving_average_batch_norm", momentum, warmup_iters, r_max, renorm_after
+        )
     if training:
         check_batch_has_values("moving_average_batch_norm", x)
         _check_state(x, running_var, x2_window, psi_window, num_batches_tracked)
         xhat = _MovingAverageNormalize.apply(
-            x, running_var, x2_window, psi_window, num_batches_tracked, momentum, eps, warmup_iters, r_max,
+            x,
+            running_var,
+            x2_window,
+            psi_window,
+            num_batches_tracked,
+            momentum,
+            eps,
+            warmup_iters,
+            r_max,
             renorm_after,
         )
     else:

@@ -33,12 +33,14 @@ the N samples of a batch are a stream in batch order. Sample i is normalized wit
 over the samples in the same order. A batch of N is therefore exactly N consecutive steps of batch size 1.
 
 The recurrences are evaluated as first-order linear scans (Hillis-Steele, log2(N) vectorized steps) instead of a
-Python loop over samples, so the cost is O(N log N) elementwise work and torch.compile traces a small graph.
+Python loop over samples, so the cost is O(N log N) elementwise work and torch.compile traces a small graph. The
+number of steps is ceil(log2 N): under torch.compile a dynamic batch size recompiles when it crosses a power of two.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._checks import check_decay, check_positive_float
 from ._stats import accumulation_dtype, affine, var_mean
@@ -58,13 +60,16 @@ def _linear_scan(coeff: torch.Tensor, inc: torch.Tensor, h0: torch.Tensor) -> to
     """
     # Each step is the affine map h -> a * h + b; composing a prefix of them is associative, so an inclusive
     # Hillis-Steele scan gives every prefix in ceil(log2 N) rounds: (a2, b2) after (a1, b1) = (a2 a1, a2 b1 + b2).
+    # The earlier partner of each row is the row ``shift`` above, the identity map (1, 0) where there is none.
+    # Padding, then cutting to N rows, never forms a tensor of N - shift rows: that is size 1 for some N, and
+    # torch.compile would specialize a dynamic batch size to it.
     a = coeff.expand_as(inc)
     b = inc
     n = inc.shape[0]
     shift = 1
     while shift < n:
-        b = torch.cat([b[:shift], a[shift:] * b[:-shift] + b[shift:]])
-        a = torch.cat([a[:shift], a[shift:] * a[:-shift]])
+        b = a * F.pad(b, (0, 0, shift, 0))[:n] + b
+        a = a * F.pad(a, (0, 0, shift, 0), value=1.0)[:n]
         shift *= 2
     return torch.cat([h0.unsqueeze(0), a * h0 + b])
 
@@ -87,7 +92,10 @@ def _forward_states(
     shift = _linear_scan(decay, (1 - alpha) * offset, torch.zeros_like(mu0))
     surprise = offset - shift[:-1]  # mu(x_t) - mu_{t-1}
     var_inc = (1 - alpha) * var + alpha * (1 - alpha) * surprise.square()
-    return mu0 + shift, _linear_scan(decay, var_inc, var0)
+    # Both results end in a cat (as _linear_scan does) rather than in an add on ``mu0``: torch.compile's
+    # partitioner may recompute cheap pointwise ops in the backward, and an add reading the state buffer would
+    # then read it after this forward updated it in place (pytorch/pytorch PR 197039). cat is never recomputed.
+    return torch.cat([mu0.unsqueeze(0), mu0 + shift[1:]]), _linear_scan(decay, var_inc, var0)
 
 
 class _OnlineNormalize(torch.autograd.Function):
@@ -111,9 +119,7 @@ class _OnlineNormalize(torch.autograd.Function):
         dims = tuple(range(2, y.dim()))
         acc = y.dtype
         grad_y = grad_y.to(acc)
-        proj = _linear_scan(
-            1 - (1 - beta) * y.square().mean(dims), (grad_y * y).mean(dims), control_proj.to(acc)
-        )
+        proj = _linear_scan(1 - (1 - beta) * y.square().mean(dims), (grad_y * y).mean(dims), control_proj.to(acc))
         grad_tilde = (grad_y - (1 - beta) * _batch_view(proj[:-1], y.dim()) * y) / scale
         mean = _linear_scan(grad_y.new_tensor(beta), grad_tilde.mean(dims), control_mean.to(acc))
         grad_x = grad_tilde - (1 - beta) * _batch_view(mean[:-1], y.dim())

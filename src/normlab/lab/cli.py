@@ -26,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     demo.set_defaults(func=_demo)
+    from ..doctor.cli import add_doctor_parser
+    from ..export import add_export_parser
+
+    add_doctor_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

@@ -53,4 +53,3 @@ class CenteredConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.centered_weight(), self.bias)
-

@@ -9,7 +9,7 @@ from .. import kernels
 from ..functional._checks import check_input, check_positive_float, check_positive_int
 from .batch_norm import _BatchNorm
 
-__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d"]
+__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
 
 class _FrozenBatchNorm(nn.Module):
@@ -137,9 +137,16 @@ class FrozenBatchNorm2d(_FrozenBatchNorm):
     _input_dims = (4,)
 
 
+class FrozenBatchNorm3d(_FrozenBatchNorm):
+    _input_dims = (5,)
+
+
 FrozenBatchNorm1d.__doc__ = _DOC.format(
     rank="2D or 3D", name="FrozenBatchNorm1d", bn="BatchNorm1d", shape="(N, C) or (N, C, L)", example="4, 3, 5"
 )
 FrozenBatchNorm2d.__doc__ = _DOC.format(
     rank="4D", name="FrozenBatchNorm2d", bn="BatchNorm2d", shape="(N, C, H, W)", example="4, 3, 5, 5"
+)
+FrozenBatchNorm3d.__doc__ = _DOC.format(
+    rank="5D", name="FrozenBatchNorm3d", bn="BatchNorm3d", shape="(N, C, D, H, W)", example="2, 3, 2, 4, 4"
 )

@@ -81,13 +81,15 @@ _DOC = r"""Online Normalization over {shape} input: running statistics forward, 
         \mathrm{{LS}}(h) = \frac{{h}}{{\sqrt{{\mathrm{{E}}_{{c,*}}[h^2] + \epsilon}}}}
 
     Per channel, :math:`\mu` and :math:`\sigma^2` are exponential running estimates (decay ``alpha_fwd``)
-    updated after every sample{spatial}. The backward pass replaces the gradient of :math:`y` by the paper's
-    control process (decay ``alpha_bkw``), which removes its projection on :math:`y` and its mean using the
-    accumulators ``control_proj`` and ``control_mean``; see :func:`normlab.functional.online_norm.online_norm` for
-    the recurrences. Layer scaling (LS, divide by the sample's RMS over all features) is the paper's guard against
-    compounding estimation errors and is on by default, as in the paper's experiments (the authors' later code
-    defaults to activation clamping instead). Paper: Chiley et al., 2019, "Online Normalization for Training
-    Neural Networks", NeurIPS, arXiv 1905.05894.
+    updated after every sample;
+    {spatial}.
+    The backward pass replaces the gradient of :math:`y` by the paper's control process (decay ``alpha_bkw``),
+    which removes its projection on :math:`y` and its mean using the accumulators ``control_proj`` and
+    ``control_mean``; see :func:`normlab.functional.online_norm.online_norm` for the recurrences. Layer scaling
+    (LS, divide by the sample's RMS over all features) is the paper's guard against compounding estimation errors
+    and is on by default, as in the paper's experiments (the authors' later code defaults to activation clamping
+    instead). Paper: Chiley et al., 2019, "Online Normalization for Training Neural Networks", NeurIPS,
+    arXiv 1905.05894.
 
     A mini-batch is a stream in batch order, as in the authors' implementation: sample i is normalized with the
     statistics after samples 0..i-1, so any batch size works, 1 included, and it may change every step.
@@ -136,7 +138,7 @@ class OnlineNorm2d(_OnlineNorm):
 
 OnlineNorm1d.__doc__ = _DOC.format(
     shape="an (N, C) or (N, C, L)",
-    spatial=" (for (N, C, L) each sample contributes its mean and variance over L)",
+    spatial="with an (N, C, L) input, each sample contributes its mean and variance over L",
     io="(N, C) or (N, C, L)",
     name="OnlineNorm1d",
     example="1, 4",
@@ -144,7 +146,7 @@ OnlineNorm1d.__doc__ = _DOC.format(
 )
 OnlineNorm2d.__doc__ = _DOC.format(
     shape="an (N, C, H, W)",
-    spatial=" (each sample contributes its mean and variance over H, W, as in the paper's convolutional version)",
+    spatial="each sample contributes its mean and variance over H, W (the paper's convolutional version)",
     io="(N, C, H, W)",
     name="OnlineNorm2d",
     example="3, 4, 5, 5",
