@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     env = {
         "device": cpu_name(),
-        "threads": torch.get_num_threads(),
+        "threads": 1,  # torch.utils.benchmark.Timer's default: both sides run single-threaded
         "torch": torch.__version__,
         "normlab": normlab.__version__,
         "python": platform.python_version(),

@@ -10,11 +10,6 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "normlab"))
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -94,7 +94,7 @@ def test_instance_norm_for_a_batch_norm_1d_notes_the_narrower_rank():
     "name, spec, message",
     [
         ("mlp", "ln2d", "cannot replace 1 .BatchNorm1d. with 'ln2d': LayerNorm2d takes 4D input but BatchNorm1d"),
-        ("conv3d", "frozen_bn", "FrozenBatchNorm2d takes 4D input but BatchNorm3d takes 5D input"),
+        ("conv3d", "ln2d", "LayerNorm2d takes 4D input but BatchNorm3d takes 5D input"),
         ("conv_bn_relu", "gn32", "building 'gn' for 8 channels failed: GroupNorm: num_groups=32 must divide"),
     ],
 )
@@ -212,3 +212,12 @@ def test_root_module_shared_module_and_no_batch_norm():
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     out, report = swap_norm(plain, "gn:2")
     assert out is plain and report.changed == [] and report.skipped == []
+
+
+def test_frozen_spec_maps_a_batch_norm_3d_to_frozen_batch_norm_3d():
+    model = build("conv3d").eval()
+    x = torch.randn(2, *example_input("conv3d").shape[1:])
+    expected = model(x)
+    model, report = swap_norm(model, "frozen_bn")
+    assert all(type(m) is normlab.FrozenBatchNorm3d for m in model.modules() if "BatchNorm" in type(m).__name__)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)

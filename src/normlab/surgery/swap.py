@@ -232,12 +232,12 @@ def swap_norm(
 
     Rank mapping: the spec names a family, the replaced module's rank picks its member. A module taking 2D/3D input
     (BatchNorm1d, FrozenBatchNorm1d) gets the spec's ``...1d`` class, a 5D one its ``...3d`` class: ``"bn"`` builds
-    BatchNorm1d for a BatchNorm1d, BatchNorm3d for a BatchNorm3d; ``"frozen_bn"`` builds FrozenBatchNorm1d for a
-    BatchNorm1d; a torch class given as the spec maps the same way (torch.nn.BatchNorm2d -> torch.nn.BatchNorm1d).
-    Rank-agnostic targets (GroupNorm, LayerNorm, RMSNorm, Identity) fit any module. A target that cannot take the
-    module's input rank (LayerNorm2d or FilterResponseNorm2d for a BatchNorm1d, ``"frozen_bn"`` for a BatchNorm3d)
-    is incompatible. Where the old module's rank is not known (SyncBatchNorm, GroupNorm, ...), the spec is built as
-    given; where the new module takes only some of the old one's ranks, the report says so.
+    BatchNorm1d for a BatchNorm1d, BatchNorm3d for a BatchNorm3d; ``"frozen_bn"`` builds FrozenBatchNorm1d /
+    FrozenBatchNorm3d for them; a torch class given as the spec maps the same way (torch.nn.BatchNorm2d ->
+    torch.nn.BatchNorm1d). Rank-agnostic targets (GroupNorm, LayerNorm, RMSNorm, Identity) fit any module. A target
+    that cannot take the module's input rank (LayerNorm2d or FilterResponseNorm2d for a BatchNorm1d or a
+    BatchNorm3d) is incompatible. Where the old module's rank is not known (SyncBatchNorm, GroupNorm, ...), the spec
+    is built as given; where the new module takes only some of the old one's ranks, the report says so.
 
     Args:
         model: the model (its root may itself be a norm: then the returned model is the new module).
