@@ -309,7 +309,7 @@ def test_cli_options_and_errors(tmp_path, capsys):
     assert run_cli(["export", "tests.test_export:no_such_factory", "--onnx", str(tmp_path / "o.onnx")]) == 1
     assert "has no attribute 'no_such_factory'" in capsys.readouterr().err
     assert run_cli(["export", "tests.test_export", "--onnx", str(tmp_path / "o.onnx")]) == 1
-    assert "must be 'package.module:factory'" in capsys.readouterr().err
+    assert "is not of an accepted form: 'package.module:factory'" in capsys.readouterr().err
     torch.save({"other.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
     argv = ["export", "tests.test_export:tiny_factory", "--onnx", str(tmp_path / "o.onnx")]
     assert run_cli([*argv, "--weights", str(tmp_path / "wrong.pt")]) == 1

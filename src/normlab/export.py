@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ._loading import load_weights, resolve_callable
 from .surgery._report import SurgeryReport
 
 __all__ = ["ExportReport", "OnnxExportError", "export_onnx", "add_export_parser", "export_command", "load_factory"]
@@ -683,20 +684,7 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
     Raises:
         ValueError: on a spec without ':', a module that cannot be imported, a missing or non-callable attribute.
     """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"normlab export: MODEL={spec!r} must be 'package.module:factory'")
-    try:
-        target = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"normlab export: MODEL={spec!r}: cannot import {module_name!r}: {e}") from e
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise ValueError(f"normlab export: MODEL={spec!r}: {module_name!r} has no attribute {attr!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ValueError(f"normlab export: MODEL={spec!r}: {attr!r} is not callable")
-    return target
+    return resolve_callable(spec, "MODEL", "'package.module:factory'")
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -730,22 +718,6 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _load_weights(model: nn.Module, path: str) -> None:
-    """Load a state_dict file (``torch.load(weights_only=True)``) into ``model``, strictly."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
-        raise ValueError(f"normlab export: --weights {path}: cannot load it with weights_only=True: {e}") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"normlab export: --weights {path} holds a {type(state).__name__}, not a state_dict")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"normlab export: --weights {path} does not fit the model: {e}") from e
-
-
 def export_command(args: argparse.Namespace) -> int:
     """Run ``normlab export``: print the report and return 0, or print the error and return 1."""
     try:
@@ -753,7 +725,7 @@ def export_command(args: argparse.Namespace) -> int:
         if not isinstance(model, nn.Module):
             raise ValueError(f"normlab export: MODEL={args.model!r} returned {type(model).__name__}, not an nn.Module")
         if args.weights:
-            _load_weights(model, args.weights)
+            load_weights(model, args.weights)
         example = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
         report = export_onnx(
             model,
