@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -16,6 +17,79 @@ def _demo(args: argparse.Namespace) -> int:
     defaults = DemoConfig()
     run_demo(DemoConfig(epochs=args.epochs or defaults.epochs, seed=args.seed))
     return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .studies import get_study
+
+    echo = (lambda *a, **k: None) if args.quiet else print
+    try:
+        study = get_study(args.name)
+        out = Path(args.out) if args.out else Path("runs") / f"{args.name}-{args.level}"
+        study.run(
+            out,
+            level=args.level,
+            norms=args.norms,
+            seeds=args.seeds,
+            quiet=args.quiet,
+            echo=echo,
+            data_dir=args.data_dir,
+        )
+        report = write_report(out, echo=print)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"normlab study: error: {err}", file=sys.stderr)
+        return 2
+    print(f"\nresults and plots: {out}\nreport: {report}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    try:
+        report = write_report(args.run_dir)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"normlab report: error: {err}", file=sys.stderr)
+        return 2
+    print(f"\nreport: {report}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def _add_study_parsers(sub) -> None:
+    from .studies import LEVELS, list_studies
+
+    study = sub.add_parser(
+        "study",
+        help="run one study of the lab (batch-size, speed, inference, online, rnn) and write its report",
+        description="Run a study; finished runs in the output folder are kept, so an interrupted study resumes.",
+    )
+    study.add_argument("name", choices=list_studies(), metavar="NAME", help=", ".join(list_studies()))
+    levels = study.add_mutually_exclusive_group()
+    level_help = {
+        "smoke": "seconds: tiny data, for tests",
+        "quick": "CPU minutes (default)",
+        "full": "the GPU-scale protocol",
+    }
+    for level in LEVELS:
+        levels.add_argument(f"--{level}", dest="level", action="store_const", const=level, help=level_help[level])
+    study.set_defaults(level="quick")
+    study.add_argument("--norms", nargs="+", metavar="SPEC", help="norm specs to compare (default: the study's)")
+    study.add_argument("--seeds", type=_positive_int, metavar="N", help="seeds per configuration")
+    study.add_argument("--out", metavar="DIR", help="output folder (default: runs/NAME-LEVEL)")
+    study.add_argument("--data-dir", metavar="DIR", help="where to look for Fashion-MNIST first")
+    study.add_argument("--quiet", action="store_true", help="no progress output (for CI logs)")
+    study.set_defaults(func=_study)
+    report = sub.add_parser("report", help="regenerate report.md and plots of a results folder from its files")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.set_defaults(func=_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_doctor_parser(sub)
     add_export_parser(sub)
+    _add_study_parsers(sub)
     return parser
 
 
