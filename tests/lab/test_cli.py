@@ -27,3 +27,24 @@ def test_report_on_an_unknown_study_marker(tmp_path):
     (tmp_path / "study.json").write_text('{"study": "no-such-study"}')
     with pytest.raises(ValueError, match="unknown study 'no-such-study'"):
         write_report(tmp_path)
+
+
+def test_demo_smoke_runs_every_study_and_report_regenerates_from_files(tmp_path):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--smoke", "--out", str(out), "--quiet"]) == 0
+    report = (out / "report.md").read_text()
+    for title in ("batch size", "Inference", "Online", "LSTM", "Training-step cost"):
+        assert title.lower() in report.lower()
+    assert {p.name for p in out.iterdir() if p.is_dir()} == {"batch-size", "inference", "online", "rnn", "speed"}
+    (out / "report.md").unlink()
+    assert cli.main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == report
+
+
+def test_study_errors_are_reported_not_raised(tmp_path, capsys):
+    assert cli.main(["study", "batch-size", "--smoke", "--norms", "bogus", "--out", str(tmp_path / "x")]) == 2
+    assert "bogus" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert cli.main(["study", "online", "--smoke", "--out", str(tmp_path / "other")]) == 2
+    assert "not empty" in capsys.readouterr().err

@@ -10,12 +10,20 @@ import torch
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
+    from .demo import DemoConfig, run_demo, run_lab_demo
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    defaults = DemoConfig()
-    run_demo(DemoConfig(epochs=args.epochs or defaults.epochs, seed=args.seed))
+    if args.tiny:
+        defaults = DemoConfig()
+        run_demo(DemoConfig(epochs=args.epochs or defaults.epochs, seed=args.seed))
+        return 0
+    try:
+        report = run_lab_demo(args.out, level=args.level, quiet=args.quiet, data_dir=args.data_dir)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"normlab demo: error: {err}", file=sys.stderr)
+        return 2
+    print(f"\nreport: {report}")
     return 0
 
 
@@ -24,6 +32,8 @@ def _study(args: argparse.Namespace) -> int:
     from .studies import get_study
 
     echo = (lambda *a, **k: None) if args.quiet else print
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         study = get_study(args.name)
         out = Path(args.out) if args.out else Path("runs") / f"{args.name}-{args.level}"
@@ -86,6 +96,13 @@ def _add_study_parsers(sub) -> None:
     study.add_argument("--out", metavar="DIR", help="output folder (default: runs/NAME-LEVEL)")
     study.add_argument("--data-dir", metavar="DIR", help="where to look for Fashion-MNIST first")
     study.add_argument("--quiet", action="store_true", help="no progress output (for CI logs)")
+    study.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: the lab's small models run "
+        "fastest single-threaded on CPU; 0 keeps torch's choice)",
+    )
     study.set_defaults(func=_study)
     report = sub.add_parser("report", help="regenerate report.md and plots of a results folder from its files")
     report.add_argument("run_dir", metavar="RUN_DIR")
@@ -95,10 +112,27 @@ def _add_study_parsers(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normlab", description="Normalization beyond BatchNorm: the lab.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="BatchNorm vs GroupNorm at batch sizes 32 and 2 (about a minute on CPU)")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default 8)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    demo = sub.add_parser(
+        "demo",
+        help="the quick version of every study (at most 10 minutes on 2 CPU cores), with a report",
+        description="Run the --quick version of all five studies into runs/<timestamp> and write report.md with "
+        "plots; --tiny runs the 30-second BatchNorm-vs-GroupNorm demonstration instead.",
+    )
+    demo.add_argument("--out", metavar="DIR", help="output folder (default: runs/<timestamp>); reuse it to resume")
+    demo.add_argument("--smoke", dest="level", action="store_const", const="smoke", help="seconds (for tests)")
+    demo.set_defaults(level="quick")
+    demo.add_argument("--data-dir", metavar="DIR", help="where to look for Fashion-MNIST first")
+    demo.add_argument("--quiet", action="store_true", help="no progress output")
+    demo.add_argument("--tiny", action="store_true", help="the 30-second BatchNorm vs GroupNorm demonstration")
+    demo.add_argument("--epochs", type=int, default=None, help="--tiny: training epochs (default 8)")
+    demo.add_argument("--seed", type=int, default=0, help="--tiny: seed")
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: the lab's small models run "
+        "fastest single-threaded on CPU; 0 keeps torch's choice)",
+    )
     demo.set_defaults(func=_demo)
     from ..doctor.cli import add_doctor_parser
     from ..export import add_export_parser

@@ -155,3 +155,24 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict[tuple[str, int]
         "reproduce. GroupNorm's statistics are per sample: the batch size\ndoes not change them."
     )
     return results
+
+
+def run_lab_demo(out=None, *, level: str = "quick", quiet: bool = False, echo=print, data_dir=None):
+    """Run every study of the lab at ``level`` into ``out`` (default ``runs/<timestamp>``) and write its report.
+
+    Each study gets its own sub-folder, so an interrupted demo resumes where it stopped when given the same
+    ``out``. Returns the path of report.md.
+    """
+    from pathlib import Path
+
+    from .report import write_report
+    from .studies import get_study, list_studies
+
+    out = Path(out) if out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in list_studies():
+        start = time.perf_counter()
+        echo(f"\n== study {name} ({level}) ==")
+        get_study(name).run(out / name, level=level, quiet=quiet, echo=echo, data_dir=data_dir)
+        echo(f"== {name}: {time.perf_counter() - start:.0f} s")
+    return write_report(out, echo=echo)
