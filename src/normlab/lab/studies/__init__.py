@@ -16,11 +16,12 @@ Reports (:mod:`normlab.lab.report`) are generated only from these files, so ``no
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ...functional._checks import unknown_name_error
 
-__all__ = ["LEVELS", "STUDIES", "Summary", "get_study", "list_studies"]
+__all__ = ["LEVELS", "STUDIES", "Study", "Summary", "get_study", "list_studies"]
 
 LEVELS = ("smoke", "quick", "full")
 
@@ -66,6 +67,17 @@ class Summary:
         ]
         widths = [max(len(r[i]) for r in cells) for i in range(len(self.columns))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells)
+
+
+@dataclass(frozen=True)
+class Study:
+    """What a study module exposes as ``STUDY``: its name, its three functions and a one-line description."""
+
+    name: str
+    run: Callable
+    summarize: Callable[..., Summary]
+    plot: Callable
+    description: str
 
 
 def list_studies() -> list[str]:

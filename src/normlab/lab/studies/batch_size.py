@@ -55,7 +55,7 @@ from ...functional._checks import check_positive_int, unknown_name_error
 from ..models import check_norm
 from ..runs import RunStore
 from ..trainer import TrainConfig, sweep
-from . import LEVELS, Summary
+from . import LEVELS, Study, Summary
 
 __all__ = ["STUDY", "NORMS", "PROTOCOLS", "Protocol", "make_configs", "load_split", "DataSource"]
 
@@ -440,19 +440,6 @@ def plot(out) -> list[Path]:
     return [path]
 
 
-@dataclass(frozen=True)
-class _Study:
-    name: str
-    description: str
-
-    def run(self, out, **kwargs) -> None:
-        run(out, **kwargs)
-
-    def summarize(self, out) -> Summary:
-        return summarize(out)
-
-    def plot(self, out) -> list[Path]:
-        return plot(out)
-
-
-STUDY = _Study(NAME, "test error vs per-device batch size (2..32) for BatchNorm and its alternatives")
+STUDY = Study(
+    NAME, run, summarize, plot, "test error vs per-device batch size (2..32) for BatchNorm and its alternatives"
+)

@@ -63,7 +63,7 @@ from ...surgery.fold import fold_bn
 from ...surgery.recalibrate import recalibrate_bn
 from ..runs import RunStore, env_info
 from ..trainer import load_model, sweep
-from . import Summary
+from . import Study, Summary
 from .batch_size import PROTOCOLS as TRAINING_PROTOCOLS
 from .batch_size import DataSource, check_level, check_norms, check_seeds, format_mean_std, write_json
 
@@ -436,19 +436,6 @@ def plot(out) -> list[Path]:
     return [path]
 
 
-@dataclass(frozen=True)
-class _Study:
-    name: str
-    description: str
-
-    def run(self, out, **kwargs) -> None:
-        run(out, **kwargs)
-
-    def summarize(self, out) -> Summary:
-        return summarize(out)
-
-    def plot(self, out) -> list[Path]:
-        return plot(out)
-
-
-STUDY = _Study(NAME, "eval vs train mode at test batch 1..64, recalibrate_bn, fold_bn and latency, per norm")
+STUDY = Study(
+    NAME, run, summarize, plot, "eval vs train mode at test batch 1..64, recalibrate_bn, fold_bn and latency, per norm"
+)

@@ -81,7 +81,7 @@ from ..data import shift_index, synthetic_stream
 from ..models import build_model
 from ..runs import RunStore, env_info, run_name
 from ..trainer import make_progress
-from . import Summary
+from . import Study, Summary
 from .batch_size import check_level, check_norms, check_seeds, format_mean_std, write_json
 
 __all__ = ["STUDY", "NORMS", "PROTOCOLS", "Protocol", "run_stream", "stream_accuracy", "torch_threads"]
@@ -489,19 +489,6 @@ def plot(out) -> list[Path]:
     return [path]
 
 
-@dataclass(frozen=True)
-class _Study:
-    name: str
-    description: str
-
-    def run(self, out, **kwargs) -> None:
-        run(out, **kwargs)
-
-    def summarize(self, out) -> Summary:
-        return summarize(out)
-
-    def plot(self, out) -> list[Path]:
-        return plot(out)
-
-
-STUDY = _Study(NAME, "prequential accuracy over a variable-batch stream with a mid-stream shift, per norm")
+STUDY = Study(
+    NAME, run, summarize, plot, "prequential accuracy over a variable-batch stream with a mid-stream shift, per norm"
+)

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 
 from ..runs import RunStore
 from ..trainer import TrainConfig, evaluate, load_model, sweep
-from . import Summary
+from . import Study, Summary
 from .batch_size import check_level, check_norms, check_seeds, format_mean_std, mean_std, write_json
 from .online import torch_threads
 
@@ -514,19 +514,6 @@ def plot(out) -> list[Path]:
     return paths
 
 
-@dataclass(frozen=True)
-class _Study:
-    name: str
-    description: str
-
-    def run(self, out, **kwargs) -> None:
-        run(out, **kwargs)
-
-    def summarize(self, out) -> Summary:
-        return summarize(out)
-
-    def plot(self, out) -> list[Path]:
-        return plot(out)
-
-
-STUDY = _Study(NAME, "normalized LSTMs: test accuracy, gradient-norm trace and accuracy on longer sequences")
+STUDY = Study(
+    NAME, run, summarize, plot, "normalized LSTMs: test accuracy, gradient-norm trace and accuracy on longer sequences"
+)

@@ -103,7 +103,7 @@ from ...functional._checks import check_positive_int, unknown_name_error
 from ...layers.weight_standardization import StdConv2d
 from ..models import SmallResNet, check_norm
 from ..runs import RunStore, env_info, run_name
-from . import LEVELS, Summary
+from . import LEVELS, Study, Summary
 
 __all__ = ["STUDY", "NORMS", "REFERENCES", "PROTOCOLS", "Protocol", "norm_share", "measure", "collect"]
 
@@ -846,19 +846,10 @@ def plot(out) -> list[Path]:
     return paths
 
 
-@dataclass(frozen=True)
-class _Study:
-    name: str
-    description: str
-
-    def run(self, out, **kwargs) -> None:
-        run(out, **kwargs)
-
-    def summarize(self, out) -> Summary:
-        return summarize(out)
-
-    def plot(self, out) -> list[Path]:
-        return plot(out)
-
-
-STUDY = _Study(NAME, "each norm's share of a training step, step time, samples/s and peak memory (torch.profiler)")
+STUDY = Study(
+    NAME,
+    run,
+    summarize,
+    plot,
+    "each norm's share of a training step, step time, samples/s and peak memory (torch.profiler)",
+)
