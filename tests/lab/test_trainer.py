@@ -342,6 +342,7 @@ def _ddp_worker(rank, port, root, errfile):
             "metrics": [_without_time(r.metrics) for r in summary.results],
         }
         Path(root).parent.joinpath(f"rank{rank}.json").write_text(json.dumps(out))
+        dist.barrier()  # no rank tears gloo down while another still talks to it (a SIGABRT seen in CI otherwise)
         dist.destroy_process_group()
     except BaseException as e:  # surface the child's failure in the parent
         with open(errfile, "a") as f:

@@ -72,6 +72,7 @@ def _worker(rank, port, sizes, spatial, steps, errfile):
             torch.testing.assert_close(gb, gb_ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(bn.running_mean, rm_ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(bn.running_var, rv_ref, rtol=1e-5, atol=1e-5)
+        dist.barrier()
         dist.destroy_process_group()
     except BaseException as e:  # surface the child's failure in the parent
         with open(errfile, "a") as f:

@@ -234,6 +234,7 @@ def _worker(rank, port, errfile):
             h = ref[0].double()(torch.cat(xs + [x + 1 for x in xs]).double()).transpose(0, 1).flatten(1)
         torch.testing.assert_close(model[1].running_mean, h.mean(1).float(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model[1].running_var, h.var(1).float(), rtol=1e-5, atol=1e-5)
+        dist.barrier()
         dist.destroy_process_group()
     except BaseException as e:  # surface the child's failure in the parent
         with open(errfile, "a") as f:

@@ -37,7 +37,8 @@ smoke    MNIST-1D (batch-size smoke protocol: 240 training and 60 test samples, 
 quick    Fashion-MNIST (batch-size quick protocol: 2000 training images, 3 epochs); norms bn, brn, gn;
          evaluation on the first 512 test images (every test batch size divides it; the budget's limit:
          Batch Renorm's forward is several times slower than BatchNorm's on CPU); recalibration on all 2000
-         training images; latency: median of 50 calls. About 2 minutes on 2 CPU cores.
+         training images; latency: median of 50 calls. About 75 s (measured with 1 torch thread on a 2-core
+         AMD EPYC VM).
 full     Fashion-MNIST (batch-size full protocol); norms bn, brn, mabn, gn, gn+ws, frn, evo_b0; evaluation
          on all 10000 test images; recalibration on 20000 training images; latency: median of 200 calls.
 =======  =================================================================================================
