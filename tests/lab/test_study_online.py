@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from normlab.lab.data import synthetic_stream
 from normlab.lab.models import build_model
 from normlab.lab.runs import RunStore
-from normlab.lab.studies import get_study
-from normlab.lab.studies.online import NORMS, PROTOCOLS, run_stream, stream_accuracy, torch_threads
+from normlab.lab.studies import get_study, torch_threads
+from normlab.lab.studies.online import NORMS, PROTOCOLS, run_stream, stream_accuracy
 
 STUDY = get_study("online")
 

@@ -99,7 +99,7 @@ def test_norm_share_leaves_the_model_as_it_was():
         torch.nn.functional.cross_entropy(model(x), y).backward()
 
     before = model(x).detach()
-    with speed._torch_threads(1):  # quick on a busy machine too
+    with speed.torch_threads(1):  # quick on a busy machine too
         r = speed.norm_share(model, step, steps=3, norm_classes=(GroupNorm,))
     assert r["modules"] == 18 and 0 < r["share"] < 1 and r["peak_bytes"] > 0
     assert len(r["shares"]) == 3 and r["share"] == sorted(r["shares"])[1]  # the median step

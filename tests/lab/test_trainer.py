@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -354,11 +355,22 @@ def _ddp_worker(rank, port, root, errfile):
 def test_ddp_two_gloo_ranks_match_one_process_at_the_global_batch():
     with tempfile.TemporaryDirectory() as d:
         root, errfile = Path(d) / "store", os.path.join(d, "err")
-        try:
-            mp.spawn(_ddp_worker, args=(_free_port(), str(root), errfile), nprocs=WORLD, join=True)
-        except Exception:
-            with open(errfile) as f:
-                pytest.fail(f.read())
+        for attempt in range(2):
+            try:
+                mp.spawn(_ddp_worker, args=(_free_port(), str(root), errfile), nprocs=WORLD, join=True)
+                break
+            except mp.ProcessExitedException:
+                if os.path.exists(errfile):  # an assertion or error inside a rank: a real failure
+                    with open(errfile) as f:
+                        pytest.fail(f.read())
+                # A rank killed by a signal without writing errfile: gloo aborted it at teardown ("terminate
+                # called without an active exception"), seen twice on a heavily loaded shared machine. One retry
+                # from a clean store; a second crash fails the test.
+                if attempt == 1:
+                    raise
+                shutil.rmtree(root, ignore_errors=True)
+                for r in range(WORLD):
+                    (Path(d) / f"rank{r}.json").unlink(missing_ok=True)
         ranks = [json.loads((Path(d) / f"rank{r}.json").read_text()) for r in range(WORLD)]
         store = RunStore(root, study="ddp")
         names = ranks[0]["trained"]

@@ -15,13 +15,16 @@ Reports (:mod:`normlab.lab.report`) are generated only from these files, so ``no
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+import torch
 
 from ...functional._checks import unknown_name_error
 
-__all__ = ["LEVELS", "STUDIES", "Study", "Summary", "get_study", "list_studies"]
+__all__ = ["LEVELS", "STUDIES", "Study", "Summary", "get_study", "list_studies", "torch_threads"]
 
 LEVELS = ("smoke", "quick", "full")
 
@@ -89,3 +92,15 @@ def get_study(name: str):
     if name not in STUDIES:
         raise unknown_name_error("study", name, STUDIES)
     return importlib.import_module(STUDIES[name]).STUDY
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads (None: unchanged); the caller's count is restored."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

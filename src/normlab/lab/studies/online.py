@@ -64,13 +64,11 @@ per step: ``step``, ``batch_size``, ``correct``, ``loss`` (the test loss before 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +79,7 @@ from ..data import shift_index, synthetic_stream
 from ..models import build_model
 from ..runs import RunStore, env_info, run_name
 from ..trainer import make_progress
-from . import Study, Summary
+from . import Study, Summary, torch_threads
 from .batch_size import check_level, check_norms, check_seeds, format_mean_std, write_json
 
 __all__ = ["STUDY", "NORMS", "PROTOCOLS", "Protocol", "run_stream", "stream_accuracy", "torch_threads"]
@@ -157,18 +155,6 @@ PROTOCOLS = {
     "full": Protocol(num_batches=20000, hidden=(256, 256), norms=NORMS, seeds=5, threads=None),
 }
 """The protocol of each level."""
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``threads`` torch intra-op threads (None: unchanged); the caller's count is restored."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------------------------------------------ stream

@@ -69,9 +69,8 @@ import torch.nn.functional as F
 
 from ..runs import RunStore
 from ..trainer import TrainConfig, evaluate, load_model, sweep
-from . import Study, Summary
+from . import Study, Summary, torch_threads
 from .batch_size import check_level, check_norms, check_seeds, format_mean_std, mean_std, write_json
-from .online import torch_threads
 
 __all__ = ["STUDY", "NORMS", "PROTOCOLS", "Protocol", "longer_sequences", "load_split", "LONG_FILE"]
 

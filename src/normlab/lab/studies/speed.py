@@ -103,7 +103,7 @@ from ...functional._checks import check_positive_int, unknown_name_error
 from ...layers.weight_standardization import StdConv2d
 from ..models import SmallResNet, check_norm
 from ..runs import RunStore, env_info, run_name
-from . import LEVELS, Study, Summary
+from . import LEVELS, Study, Summary, torch_threads
 
 __all__ = ["STUDY", "NORMS", "REFERENCES", "PROTOCOLS", "Protocol", "norm_share", "measure", "collect"]
 
@@ -587,17 +587,6 @@ def measure(norms: Iterable[str], protocol: Protocol, device="cpu", *, seed: int
 # --------------------------------------------------------------------------------------------------------- run
 
 
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _session_config(level: str, norms: tuple[str, ...], device: str, repeat: int) -> dict:
     return {
         "study": NAME,
@@ -655,7 +644,7 @@ def run(
     store = RunStore(out, study=NAME)
     store.clean_stale()  # a killed session's temporary folder
     say = (lambda _line: None) if quiet else echo
-    with _torch_threads(PROTOCOLS[level].threads):
+    with torch_threads(PROTOCOLS[level].threads):
         for device in devices:
             _measure_session(store, level, norms, device, remeasure, say)
 
