@@ -13,27 +13,17 @@ The CSV records the CPU, the thread count and the versions.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import statistics
 import sys
 from pathlib import Path
 
 import torch
+from _common import cpu_name, median_ms, write_csv
 from torch import nn
 from torch.utils.benchmark import Timer
 
 import normlab
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def pairs(c: int) -> list[tuple[str, nn.Module, nn.Module]]:
@@ -72,10 +62,6 @@ def fwd_bwd_timer(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Tim
         "torch.autograd.grad(m(x), [x, *m.parameters()], grad)",
         globals={"m": module, "x": x, "grad": grad, "torch": torch},
     )
-
-
-def median_ms(timer: Timer, min_run_time: float) -> float:
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 def run(quick: bool) -> list[dict]:
@@ -137,13 +123,7 @@ def main(argv=None) -> int:
     print("\n| layer | normlab / torch (geo-mean over shapes) | worst shape |\n|---|---|---|")
     for name, geo, worst in summarize(rows):
         print(f"| {name} | {geo:.2f}x | {worst:.2f}x |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*rows[0], *env])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, **env})
-    print(f"\nwrote {args.out}")
+    write_csv(args.out, rows, env)
     return 0
 
 

@@ -14,12 +14,12 @@ of torch. The CSV records the CPU, the thread count and the versions.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import sys
 from pathlib import Path
 
 import torch
+from _common import cpu_name, median_ms, write_csv
 from torch import nn
 from torch.utils.benchmark import Timer
 
@@ -30,16 +30,6 @@ BATCH, STEPS, INPUT_SIZE, HIDDEN_SIZE = 32, 40, 128, 128
 THREADS = 1  # torch.utils.benchmark's default: both sides single-threaded, as recorded in the CSV
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def fwd_bwd_timer(module: nn.Module, x: torch.Tensor) -> Timer:
     module.train()
     grad = torch.randn(x.shape[0], x.shape[1], module.hidden_size)
@@ -48,10 +38,6 @@ def fwd_bwd_timer(module: nn.Module, x: torch.Tensor) -> Timer:
         globals={"m": module, "x": x, "grad": grad, "torch": torch},
         num_threads=THREADS,
     )
-
-
-def median_ms(timer: Timer, min_run_time: float) -> float:
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 def run(quick: bool, norms: tuple[str, ...] = NORMS) -> list[dict]:
@@ -107,13 +93,7 @@ def main(argv=None) -> int:
     print("\n| NormLSTM norm | torch.nn.LSTM ms | NormLSTM ms | NormLSTM / torch |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['norm']} | {r['torch_ms']:.2f} | {r['normlab_ms']:.2f} | {r['ratio']:.2f}x |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*rows[0], *env])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, **env})
-    print(f"\nwrote {args.out}")
+    write_csv(args.out, rows, env)
     return 0
 
 
