@@ -13,17 +13,10 @@ import torch.nn.functional as F
 from normlab.lab.data import synthetic_stream
 from normlab.lab.models import build_model
 from normlab.lab.runs import RunStore
-from normlab.lab.studies import get_study, torch_threads
+from normlab.lab.studies import get_study
 from normlab.lab.studies.online import NORMS, PROTOCOLS, run_stream, stream_accuracy
 
 STUDY = get_study("online")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Streams of 1..16 samples, as the study runs them: two threads on a busy 2-core machine only wait."""
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,11 @@ import torch
 from normlab.lab.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, write_idx
 from normlab.lab.models import build_model
 from normlab.lab.runs import RunStore
-from normlab.lab.studies import get_study, torch_threads
+from normlab.lab.studies import get_study
 from normlab.lab.studies.rnn import LONG_FILE, NORMS, PROTOCOLS, blank_value, load_split, longer_sequences, make_configs
 from normlab.lab.trainer import TrainConfig
 
 STUDY = get_study("rnn")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small LSTMs, as the study trains them at smoke: two threads on a busy 2-core machine only wait."""
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

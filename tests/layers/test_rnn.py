@@ -18,17 +18,6 @@ CELLS = {"lstm": (NormLSTMCell, nn.LSTMCell), "gru": (NormGRUCell, nn.GRUCell)}
 SEQUENCES = {"lstm": (NormLSTM, nn.LSTM), "gru": (NormGRU, nn.GRU)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are tiny and the loops run thousands of ops: a second OpenMP thread saves nothing, and on a busy
-    machine every parallel region of torch's norm kernels can stall for milliseconds on a descheduled worker (this
-    file took 2 minutes instead of 12 s under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def leaves(*tensors):
     return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
 
