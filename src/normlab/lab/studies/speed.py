@@ -101,9 +101,10 @@ from ... import kernels
 from ...factory import get_norm_layer
 from ...functional._checks import check_positive_int, unknown_name_error
 from ...layers.weight_standardization import StdConv2d
-from ..models import SmallResNet, check_norm
+from ..models import SmallResNet
 from ..runs import RunStore, env_info, run_name
 from . import LEVELS, Study, Summary, torch_threads
+from .batch_size import check_level, check_norms
 
 __all__ = ["STUDY", "NORMS", "REFERENCES", "PROTOCOLS", "Protocol", "norm_share", "measure", "collect"]
 
@@ -163,30 +164,9 @@ def devices_for(level: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------- options
 
 
-def _check_level(level) -> str:
-    if level not in LEVELS:
-        raise ValueError(f"{NAME}: {unknown_name_error('level', str(level), LEVELS)} (got {level!r})")
-    return level
-
-
 def _check_norms(norms) -> tuple[str, ...]:
-    """``norms`` without duplicates, plus the references, in the table's order; each must be a spec SmallResNet
-    takes."""
-    if isinstance(norms, str) or not isinstance(norms, (list, tuple)) or not norms:
-        raise ValueError(f"{NAME}: norms={norms!r} must be a non-empty list of norm specs, e.g. ['bn', 'gn']")
-    checked: list[str] = []
-    for norm in norms:
-        if not isinstance(norm, str):
-            raise ValueError(f"{NAME}: norm {norm!r} must be a string spec, e.g. 'bn' or 'gn+ws'")
-        try:
-            check_norm("fashion", norm)
-        except ValueError:
-            raise ValueError(
-                f"{NAME}: {unknown_name_error('norm', norm, NORMS)}. Other normlab factory specs SmallResNet takes "
-                "are accepted too (see normlab.list_norms(); add '+ws' for weight-standardized convolutions)"
-            ) from None
-        if norm not in checked:
-            checked.append(norm)
+    """``norms`` (validated as every study does) plus the references, in the table's order."""
+    checked = list(check_norms(NAME, norms, "fashion", NORMS))
     checked += [ref for ref in REFERENCES if ref not in checked]
     # one canonical order (the table's), so that the same norms in another order are the same session
     return tuple(n for n in NORMS if n in checked) + tuple(sorted(n for n in checked if n not in NORMS))
@@ -636,7 +616,7 @@ def run(
     Raises:
         ValueError: for an unknown level, norm or device, seeds < 1, or an ``out`` folder holding something else.
     """
-    level = _check_level(level)
+    level = check_level(NAME, level)
     norms = _check_norms(NORMS if norms is None else norms)
     if seeds is not None:
         check_positive_int(NAME, "seeds", seeds)
