@@ -1,7 +1,14 @@
 """Repository-wide pytest setup: every test and doctest starts from the same random state."""
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, normlab's Triton kernels run on CPU tensors through Triton's interpreter. Triton reads the variable
+# when a kernel is defined, so it is set before anything imports normlab.kernels' Triton modules.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
