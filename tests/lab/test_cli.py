@@ -9,7 +9,10 @@ def test_study_parser_levels_and_options():
     args = parser.parse_args(["study", "batch-size", "--smoke", "--norms", "bn", "gn", "--seeds", "2", "--quiet"])
     assert (args.name, args.level, args.norms, args.seeds, args.quiet) == ("batch-size", "smoke", ["bn", "gn"], 2, True)
     assert parser.parse_args(["study", "rnn"]).level == "quick"
-    for bad in (["study", "nope"], ["study", "rnn", "--seeds", "0"], ["study", "rnn", "--smoke", "--full"]):
+    assert parser.parse_args(["study", "rnn"]).jobs == cli.default_jobs() >= 1
+    assert parser.parse_args(["demo", "--jobs", "3"]).jobs == 3
+    bad_options = (["study", "nope"], ["study", "rnn", "--seeds", "0"], ["study", "rnn", "--smoke", "--full"])
+    for bad in bad_options + (["study", "rnn", "--jobs", "0"], ["demo", "--jobs", "many"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 

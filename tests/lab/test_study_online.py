@@ -155,6 +155,20 @@ def test_smoke_end_to_end(smoke_dir):
         assert store.load_env(name)["torch_threads"] == 1
 
 
+def test_two_worker_processes_write_the_same_runs(smoke_dir, tmp_path):
+    out = tmp_path / "parallel"
+    lines = []
+    STUDY.run(out, level="smoke", norms=["bn", "online", "none"], echo=lines.append, jobs=2)
+    assert "3 runs streamed, 0 found finished" in lines[-1]
+    serial, parallel = RunStore(smoke_dir[0], study="online"), RunStore(out, study="online")
+    assert parallel.done_runs() and set(parallel.done_runs()) <= set(serial.done_runs())
+    for name in parallel.done_runs():
+        strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
+        assert strip(parallel.load(name)[1]) == strip(serial.load(name)[1])
+    with pytest.raises(ValueError, match="jobs"):
+        STUDY.run(tmp_path / "bad", level="smoke", jobs=0)
+
+
 def test_summary_and_plot_from_the_files_alone(smoke_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(smoke_dir[0], copy)

@@ -211,6 +211,49 @@ def test_sweep_skips_finished_runs_and_duplicates(tmp_path):
     assert again.results[0].metrics == store.load(first.trained[0])[1]
 
 
+class Recorder:
+    """A progress reporter that records the finished runs it was told about."""
+
+    def __init__(self):
+        self.ended = []
+
+    def start_sweep(self, total):
+        pass
+
+    def start_run(self, name, total_steps):
+        pass
+
+    def advance(self, steps=1):
+        pass
+
+    def end_run(self, name, status, summary):
+        self.ended.append((name, status))
+
+    def close(self):
+        pass
+
+
+def test_sweep_in_two_worker_processes_writes_what_one_process_writes(tmp_path):
+    configs = [cfg("bn", epochs=2), cfg("ln", epochs=2, seed=1), cfg("none", epochs=2)]
+    serial = sweep(configs, RunStore(tmp_path / "serial", study="t"), tiny_data(), quiet=True)
+    store = RunStore(tmp_path / "parallel", study="t")
+    sweep(configs[:1], store, tiny_data(), quiet=True)  # one finished before: the workers skip it
+    progress = Recorder()
+    parallel = sweep(configs, store, tiny_data(), progress=progress, jobs=2)
+    assert [r.name for r in parallel.results] == [c.name for c in configs]
+    assert parallel.skipped == [configs[0].name] and parallel.trained == [c.name for c in configs[1:]]
+    assert sorted(progress.ended) == sorted([(configs[0].name, "skipped")] + [(c.name, "trained") for c in configs[1:]])
+    for a, b in zip(serial.results, parallel.results):
+        assert _without_time(a.metrics) == _without_time(b.metrics) == _without_time(store.load(a.name)[1])
+        assert b.model is None
+    assert store.done_runs() == sorted(c.name for c in configs)
+
+
+def test_sweep_jobs_must_be_a_positive_count(tmp_path):
+    with pytest.raises(ValueError, match="jobs=0"):
+        sweep([cfg()], RunStore(tmp_path, study="t"), tiny_data(), quiet=True, jobs=0)
+
+
 class BlockInSecondRun:
     """A progress reporter that announces the second run's first step and then hangs (to be SIGKILLed there)."""
 

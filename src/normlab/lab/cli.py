@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def _demo(args: argparse.Namespace) -> int:
         run_demo(DemoConfig(epochs=args.epochs or defaults.epochs, seed=args.seed))
         return 0
     try:
-        report = run_lab_demo(args.out, level=args.level, quiet=args.quiet, data_dir=args.data_dir)
+        report = run_lab_demo(args.out, level=args.level, quiet=args.quiet, data_dir=args.data_dir, jobs=args.jobs)
     except (ValueError, FileNotFoundError) as err:
         print(f"normlab demo: error: {err}", file=sys.stderr)
         return 2
@@ -45,6 +46,7 @@ def _study(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             echo=echo,
             data_dir=args.data_dir,
+            jobs=args.jobs,
         )
         report = write_report(out, echo=print)
     except (ValueError, FileNotFoundError) as err:
@@ -71,6 +73,27 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
     return value
+
+
+def _jobs(text: str) -> int:
+    return default_jobs() if text == "auto" else _positive_int(text)
+
+
+def default_jobs() -> int:
+    """Training processes for ``--jobs auto``: one per CPU this process may use, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, 8))
+
+
+def _add_jobs(parser) -> None:
+    parser.add_argument(
+        "--jobs",
+        type=_jobs,
+        default="auto",
+        metavar="N",
+        help="training runs at once, one process each (default auto: one per CPU, at most 8); the speed study "
+        "always runs alone, and results do not depend on N",
+    )
 
 
 def _add_study_parsers(sub) -> None:
@@ -103,6 +126,7 @@ def _add_study_parsers(sub) -> None:
         help="torch intra-op threads (default 1: the lab's small models run "
         "fastest single-threaded on CPU; 0 keeps torch's choice)",
     )
+    _add_jobs(study)
     study.set_defaults(func=_study)
     report = sub.add_parser("report", help="regenerate report.md and plots of a results folder from its files")
     report.add_argument("run_dir", metavar="RUN_DIR")
@@ -133,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch intra-op threads (default 1: the lab's small models run "
         "fastest single-threaded on CPU; 0 keeps torch's choice)",
     )
+    _add_jobs(demo)
     demo.set_defaults(func=_demo)
     from ..doctor.cli import add_doctor_parser
     from ..export import add_export_parser

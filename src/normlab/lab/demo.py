@@ -157,11 +157,12 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict[tuple[str, int]
     return results
 
 
-def run_lab_demo(out=None, *, level: str = "quick", quiet: bool = False, echo=print, data_dir=None):
+def run_lab_demo(out=None, *, level: str = "quick", quiet: bool = False, echo=print, data_dir=None, jobs: int = 1):
     """Run every study of the lab at ``level`` into ``out`` (default ``runs/<timestamp>``) and write its report.
 
     Each study gets its own sub-folder, so an interrupted demo resumes where it stopped when given the same
-    ``out``. Returns the path of report.md.
+    ``out``. ``jobs`` training processes run at once (the speed study always runs alone). Returns the path of
+    report.md.
     """
     from pathlib import Path
 
@@ -173,6 +174,6 @@ def run_lab_demo(out=None, *, level: str = "quick", quiet: bool = False, echo=pr
     for name in list_studies():
         start = time.perf_counter()
         echo(f"\n== study {name} ({level}) ==")
-        get_study(name).run(out / name, level=level, quiet=quiet, echo=echo, data_dir=data_dir)
+        get_study(name).run(out / name, level=level, quiet=quiet, echo=echo, data_dir=data_dir, jobs=jobs)
         echo(f"== {name}: {time.perf_counter() - start:.0f} s")
     return write_report(out, echo=echo)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -568,6 +569,7 @@ def sweep(
     echo: Callable[[str], None] = print,
     save_model: bool = False,
     deterministic: bool = True,
+    jobs: int = 1,
 ) -> SweepSummary:
     """Train every config not finished in ``store`` (resume: a killed sweep run again redoes only its unfinished
     runs, and never trains a finished one twice).
@@ -575,6 +577,13 @@ def sweep(
     All configs are checked before anything trains; duplicates (same name) run once. Stale temporary folders of
     killed runs are removed first (rank 0). ``data`` is as for :func:`train_run`; a callable is called once per
     trained run, so cache expensive loading in it.
+
+    With ``jobs > 1`` (single process only, not under torchrun) the runs train in that many worker processes at
+    once, each with one torch thread (the lab's small models gain more from one process per core than from
+    intra-op threads); ``data`` must then be picklable (a callable such as the studies' ``DataSource``, which each
+    worker calls for itself). Every run is still seeded by its own config, so results do not depend on ``jobs``.
+    Progress then reports finished runs only (no per-step bar), and ``results`` hold no models (``model`` is None:
+    load saved ones with :func:`load_model`).
 
     Args:
         configs: the runs.
@@ -586,11 +595,15 @@ def sweep(
         quiet: no output at all (CI logs), whatever ``progress`` says. Ranks > 0 are always quiet.
         echo: where ``"lines"`` progress writes.
         save_model, deterministic: as for :func:`train_run`.
+        jobs: worker processes (1: train in this process).
 
     Returns:
         A :class:`SweepSummary`.
     """
     rank, world = _rank_and_world()
+    check_positive_int("sweep", "jobs", jobs)
+    if jobs > 1 and world > 1:
+        raise ValueError(f"sweep: jobs={jobs} needs a single process; under torchrun (world size {world}) use jobs=1")
     unique: dict[str, TrainConfig] = {}
     for config in configs:
         if not isinstance(config, TrainConfig):
@@ -606,17 +619,66 @@ def sweep(
         reporter = make_progress(progress, echo=echo) if isinstance(progress, str) else progress
     summary = SweepSummary()
     reporter.start_sweep(len(unique))
+    options = {"device": device, "save_model": save_model, "deterministic": deterministic}
     try:
-        for config in unique.values():
-            result = train_run(
-                config, store, data, device=device, progress=reporter, save_model=save_model,
-                deterministic=deterministic,
-            )  # fmt: skip
+        if jobs > 1:
+            results = _train_in_workers(list(unique.values()), store, data, jobs, reporter, options)
+        else:
+            results = (train_run(config, store, data, progress=reporter, **options) for config in unique.values())
+        for result in results:
             (summary.skipped if result.skipped else summary.trained).append(result.name)
             summary.results.append(result)
     finally:
         reporter.close()
     return summary
+
+
+def _worker_start() -> None:
+    torch.set_num_threads(1)
+
+
+def map_in_workers(fn: Callable, items: list, jobs: int, on_result: Callable | None = None) -> list:
+    """``[fn(item) for item in items]`` computed in ``jobs`` spawned processes with one torch thread each.
+
+    ``fn`` must be a picklable (module-level) function and ``items`` picklable. ``on_result(result)`` runs in
+    this process as each result arrives (for progress). Results come back in the order of ``items``; the first
+    exception raised in a worker propagates after the pending items are cancelled.
+    """
+    import concurrent.futures as cf
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads and locks
+    results: list = [None] * len(items)
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_start) as pool:
+        futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+        try:
+            for future in cf.as_completed(futures):
+                results[futures[future]] = future.result()
+                if on_result is not None:
+                    on_result(results[futures[future]])
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return results
+
+
+def _train_in_worker(root: str, study: str, data, options: dict, config: TrainConfig) -> RunResult:
+    result = train_run(config, RunStore(root, study=study), data, **options)
+    return dataclasses.replace(result, model=None)
+
+
+def _train_in_workers(configs, store: RunStore, data, jobs: int, reporter, options: dict) -> list[RunResult]:
+    """Train ``configs`` in ``jobs`` processes, reporting each finished run; results in the order of ``configs``."""
+
+    def report(result: RunResult) -> None:
+        summary = dict(result.metrics[-1]) if result.metrics else None
+        if summary is not None and not result.skipped:
+            summary["run_s"] = sum(row.get("time_s", 0.0) for row in result.metrics)
+        reporter.end_run(result.name, "skipped" if result.skipped else "trained", summary)
+
+    worker = functools.partial(_train_in_worker, str(store.root), store.study, data, options)
+    return map_in_workers(worker, list(configs), jobs, report)
 
 
 # ------------------------------------------------------------------------------------------------------ progress

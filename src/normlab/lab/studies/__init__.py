@@ -3,10 +3,11 @@
 A study is a module in this package exposing ``STUDY``, an object with:
 
 * ``name`` (the CLI name, e.g. ``"batch-size"``) and ``description`` (one line);
-* ``run(out, *, level, norms=None, seeds=None, quiet=False, echo=print, data_dir=None) -> None``: runs the study
-  at ``level`` ("smoke": seconds, for tests; "quick": CPU minutes; "full": the GPU-scale protocol), writing every
-  result as files under ``out`` (a :class:`normlab.lab.runs.RunStore` for training runs, plus JSON files for other
-  measurements). Re-running resumes: finished runs are not redone.
+* ``run(out, *, level, norms=None, seeds=None, quiet=False, echo=print, data_dir=None, jobs=1) -> None``: runs
+  the study at ``level`` ("smoke": seconds, for tests; "quick": CPU minutes; "full": the GPU-scale protocol),
+  writing every result as files under ``out`` (a :class:`normlab.lab.runs.RunStore` for training runs, plus JSON
+  files for other measurements), training up to ``jobs`` runs at once in separate processes where the study trains
+  several (results do not depend on ``jobs``). Re-running resumes: finished runs are not redone.
 * ``summarize(out) -> Summary``: reads only the files under ``out`` and returns the study's table and notes;
 * ``plot(out) -> list[Path]``: writes PNG plots under ``out`` from the files alone (matplotlib, Agg backend).
 

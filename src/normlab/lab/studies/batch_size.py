@@ -241,7 +241,9 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def run(out, *, level: str = "quick", norms=None, seeds=None, quiet=False, echo=print, data_dir=None) -> None:
+def run(
+    out, *, level: str = "quick", norms=None, seeds=None, quiet=False, echo=print, data_dir=None, jobs: int = 1
+) -> None:
     """Train every run of the study at ``level`` not yet finished in ``out`` (see the module docstring).
 
     Raises:
@@ -262,7 +264,7 @@ def run(out, *, level: str = "quick", norms=None, seeds=None, quiet=False, echo=
             "runs": [c.name for c in configs],
         },
     )
-    result = sweep(configs, store, DataSource(data_dir), quiet=quiet, echo=echo)
+    result = sweep(configs, store, DataSource(data_dir), quiet=quiet, echo=echo, jobs=jobs)
     if not quiet:
         echo(f"{NAME}: {len(result.trained)} runs trained, {len(result.skipped)} found finished, in {store.root}")
 

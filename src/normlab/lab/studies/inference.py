@@ -231,7 +231,9 @@ def _configs(level: str, norms, seeds):
     return [protocol.config(n, b, s) for s in range(seeds) for n in norms for b in TRAIN_BATCH_SIZES]
 
 
-def run(out, *, level: str = "quick", norms=None, seeds=None, quiet=False, echo=print, data_dir=None) -> None:
+def run(
+    out, *, level: str = "quick", norms=None, seeds=None, quiet=False, echo=print, data_dir=None, jobs: int = 1
+) -> None:
     """Train (resuming) and evaluate every model of the study at ``level`` into ``out``.
 
     Raises:
@@ -247,7 +249,7 @@ def run(out, *, level: str = "quick", norms=None, seeds=None, quiet=False, echo=
             c.norm for c in configs))},
     )  # fmt: skip
     data = DataSource(data_dir)
-    result = sweep(configs, store, data, quiet=quiet, echo=echo, save_model=True)
+    result = sweep(configs, store, data, quiet=quiet, echo=echo, save_model=True, jobs=jobs)
     folder = store.root / "evaluations"
     folder.mkdir(exist_ok=True)
     done = 0

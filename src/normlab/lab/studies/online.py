@@ -65,6 +65,7 @@ per step: ``step``, ``batch_size``, ``correct``, ``loss`` (the test loss before 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import statistics
@@ -75,10 +76,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ...functional._checks import check_positive_int
 from ..data import shift_index, synthetic_stream
 from ..models import build_model
 from ..runs import RunStore, env_info, run_name
-from ..trainer import make_progress
+from ..trainer import make_progress, map_in_workers
 from . import Study, Summary, torch_threads
 from .batch_size import check_level, check_norms, check_seeds, format_mean_std, write_json
 
@@ -284,7 +286,9 @@ def _name(config: dict) -> str:
     return run_name(f"{NAME}-{config['norm']}-s{config['seed']}", config)
 
 
-def run(out, *, level: str = "quick", norms=None, seeds=None, quiet=False, echo=print, data_dir=None) -> None:
+def run(
+    out, *, level: str = "quick", norms=None, seeds=None, quiet=False, echo=print, data_dir=None, jobs: int = 1
+) -> None:
     """Stream every (norm, seed) of the study at ``level`` not yet finished in ``out`` (see the module docstring).
 
     ``data_dir`` is unused (the stream is generated).
@@ -294,6 +298,7 @@ def run(out, *, level: str = "quick", norms=None, seeds=None, quiet=False, echo=
             folder holding something else.
     """
     protocol, configs = _plan(level, norms, seeds)
+    check_positive_int(NAME, "jobs", jobs)
     for config in configs:  # refuse a norm the model rejects before anything runs
         build_model(TASK, config["norm"], **{k: v for k, v in config["model"].items() if k != "task"})
     store = RunStore(out, study=NAME)
@@ -309,25 +314,36 @@ def run(out, *, level: str = "quick", norms=None, seeds=None, quiet=False, echo=
         },
     )
     reporter = make_progress("auto", quiet=quiet, echo=echo)
-    trained = skipped = 0
+    todo = [c for c in configs if not store.is_done(_name(c))]
     reporter.start_sweep(len(configs))
     try:
-        with torch_threads(protocol.threads):
-            for config in configs:
-                name = _name(config)
-                if store.is_done(name):
-                    skipped += 1
-                    reporter.end_run(name, "skipped", None)
-                    continue
-                reporter.start_run(name, protocol.num_batches)
-                with store.run(name, config, env_info("cpu", study=NAME)) as record:
-                    rows = run_stream(config, log=record.log, advance=reporter.advance)
-                trained += 1
-                reporter.end_run(name, "trained", {"run_s": rows[-1]["time_s"]})
+        for config in configs:
+            if config not in todo:
+                reporter.end_run(_name(config), "skipped", None)
+
+        def done(result: tuple[str, float]) -> None:
+            reporter.end_run(result[0], "trained", {"run_s": result[1]})
+
+        if jobs > 1:
+            map_in_workers(functools.partial(_stream_into, str(store.root), None), todo, jobs, done)
+        else:
+            with torch_threads(protocol.threads):
+                for config in todo:
+                    reporter.start_run(_name(config), protocol.num_batches)
+                    done(_stream_into(store.root, reporter.advance, config))
     finally:
         reporter.close()
+    trained, skipped = len(todo), len(configs) - len(todo)
     if not quiet:
         echo(f"{NAME}: {trained} runs streamed, {skipped} found finished, in {store.root}")
+
+
+def _stream_into(root, advance, config: dict) -> tuple[str, float]:
+    """Stream ``config`` into the study's store at ``root``; returns the run's name and seconds."""
+    name = _name(config)
+    with RunStore(root, study=NAME).run(name, config, env_info("cpu", study=NAME)) as record:
+        rows = run_stream(config, log=record.log, advance=advance)
+    return name, rows[-1]["time_s"]
 
 
 # ----------------------------------------------------------------------------------------------------- results

@@ -280,7 +280,9 @@ def make_configs(level: str, norms=None, seeds=None) -> list[TrainConfig]:
     return [protocol.config(norm, seed) for seed in range(seeds) for norm in norms]
 
 
-def run(out, *, level: str = "quick", norms=None, seeds=None, quiet=False, echo=print, data_dir=None) -> None:
+def run(
+    out, *, level: str = "quick", norms=None, seeds=None, quiet=False, echo=print, data_dir=None, jobs: int = 1
+) -> None:
     """Train every run of the study at ``level`` not yet finished in ``out``, then evaluate each finished run on the
     longer sequences unless its ``long_sequences.json`` exists (see the module docstring).
 
@@ -304,7 +306,7 @@ def run(out, *, level: str = "quick", norms=None, seeds=None, quiet=False, echo=
     data = _DataSource(data_dir)
     evaluated = 0
     with torch_threads(protocol.threads):
-        result = sweep(configs, store, data, quiet=quiet, echo=echo, save_model=True)
+        result = sweep(configs, store, data, quiet=quiet, echo=echo, save_model=True, jobs=jobs)
         for config in configs:
             if not (store.path(config.name) / LONG_FILE).is_file():
                 _write_long(store, config.name, protocol, data, config)

@@ -596,6 +596,7 @@ def run(
     quiet: bool = False,
     echo=print,
     data_dir=None,
+    jobs: int = 1,
     devices=None,
     remeasure: bool = False,
 ) -> None:
@@ -610,6 +611,8 @@ def run(
         quiet: no progress lines.
         echo: where progress lines go.
         data_dir: unused (the study times random data).
+        jobs: accepted for the common interface and checked; the study always measures in this one process, alone,
+            since timings taken while other runs share the cores would be meaningless.
         devices: ``["cpu"]``, ``["cuda"]`` or both (default: :func:`devices_for` the level).
         remeasure: measure again even when a finished session with the same options exists (a new folder).
 
@@ -620,6 +623,7 @@ def run(
     norms = _check_norms(NORMS if norms is None else norms)
     if seeds is not None:
         check_positive_int(NAME, "seeds", seeds)
+    check_positive_int(NAME, "jobs", jobs)
     devices = _check_devices(devices_for(level) if devices is None else devices)
     store = RunStore(out, study=NAME)
     store.clean_stale()  # a killed session's temporary folder
