@@ -112,7 +112,7 @@ def test_pickled_file_that_is_not_a_model(capsys, tmp_path):
         ("tests.doctor.fixtures:no_such_factory", None, "has no attribute 'no_such_factory'"),
         ("tests.doctor.fixtures:CLEAN_BATCH_SIZE", None, "is not callable"),
         ("tests.doctor.fixtures:make_data", None, "returned a list, not a torch.nn.Module"),
-        (MODEL, "cifar10", "named built-in datasets are not available yet"),
+        (MODEL, "cifar10", "not of an accepted form"),
         (MODEL, "tests.doctor.fixtures:nothing", "has no attribute 'nothing'"),
     ],
 )

@@ -51,3 +51,18 @@ def test_study_errors_are_reported_not_raised(tmp_path, capsys):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert cli.main(["study", "online", "--smoke", "--out", str(tmp_path / "other")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_doctor_takes_a_named_dataset(capsys):
+    import json
+
+    argv = ["doctor", "normlab.lab.models:CNN1d", "--data", "mnist1d", "--batch-size", "1", "--num-batches", "3"]
+    assert cli.main(argv + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["batch_sizes"] == [1, 1, 1]
+    assert {"batch_size_one", "small_batch_stats"} <= {f["hazard"] for f in report["findings"]}
+    assert cli.main(argv[:3] + ["cifar10"]) == 2
+    err = capsys.readouterr().err
+    assert "'cifar10' is neither a dataset name (fashion, fashion-seq, mnist1d, mnist1d-seq)" in err
+    assert cli.main(argv[:3] + ["fashion", "--data-dir", "/no/such/dir", "--batch-size", "0"]) == 2
+    assert "--batch-size=0" in capsys.readouterr().err

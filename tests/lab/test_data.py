@@ -559,3 +559,21 @@ def test_batches_bad_arguments():
         batches(torch.zeros(4), torch.zeros(4), 0)
     with pytest.raises(ValueError, match="x has 4 samples but y has 3"):
         batches(torch.zeros(4), torch.zeros(3), 2)
+
+
+def test_named_batches_give_each_task_its_layout():
+    from normlab.lab.data import NAMED_DATASETS, named_batches
+
+    shapes = {
+        name: [tuple(x.shape) for x, _ in named_batches(name, batch_size=3, num_batches=2)]
+        for name in ("mnist1d", "mnist1d-seq")
+    }
+    assert shapes == {"mnist1d": [(3, 1, 40)] * 2, "mnist1d-seq": [(3, 40, 1)] * 2}
+    (x1, y1), _ = named_batches("mnist1d", batch_size=3, num_batches=2)
+    (x2, y2), _ = named_batches("mnist1d-seq", batch_size=3, num_batches=2)
+    assert torch.equal(x1.squeeze(1), x2.squeeze(-1)) and torch.equal(y1, y2)
+    assert set(NAMED_DATASETS) == {"fashion", "fashion-seq", "mnist1d", "mnist1d-seq"}
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        named_batches("cifar")
+    with pytest.raises(ValueError, match="num_batches"):
+        named_batches("mnist1d", num_batches=0)

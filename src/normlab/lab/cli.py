@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     from ..doctor.cli import add_doctor_parser
     from ..export import add_export_parser
+    from .data import NAMED_DATASETS, named_batches
 
-    add_doctor_parser(sub)
+    add_doctor_parser(sub, named_datasets=NAMED_DATASETS, load_named=named_batches)
     add_export_parser(sub)
     _add_study_parsers(sub)
     return parser

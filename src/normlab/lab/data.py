@@ -53,6 +53,8 @@ __all__ = [
     "shift_index",
     "Batches",
     "batches",
+    "NAMED_DATASETS",
+    "named_batches",
 ]
 
 # ----------------------------------------------------------------------------------------------------------- IDX
@@ -753,3 +755,51 @@ def batches(
         [[0, 1], [2, 3], [4]]
     """
     return Batches(x, y, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+
+
+# ------------------------------------------------------------------------------------------ named datasets
+
+
+NAMED_DATASETS = {
+    "fashion": "Fashion-MNIST training images (N, 1, 28, 28), standardized (IDX files on disk)",
+    "fashion-seq": "Fashion-MNIST training images row by row as sequences (N, 28, 28)",
+    "mnist1d": "MNIST-1D training signals (N, 1, 40), generated locally",
+    "mnist1d-seq": "MNIST-1D training signals as sequences (N, 40, 1), generated locally",
+}
+"""The datasets known by name (``normlab doctor MODEL --data fashion``), in the layouts of the lab's tasks."""
+
+
+def named_batches(
+    name: str, batch_size: int = 32, num_batches: int = 8, *, data_dir: str | os.PathLike | None = None, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``num_batches`` shuffled ``(x, y)`` training batches of the dataset called ``name`` (see
+    :data:`NAMED_DATASETS`): what ``normlab doctor --data NAME`` feeds a model.
+
+    Only the samples needed are kept (a seeded class-balanced subset of ``batch_size * num_batches``, at most the
+    whole training split); the last batch may be smaller when the split is.
+
+    Raises:
+        ValueError: for an unknown name (the valid ones are listed) or a non-positive size.
+        DataNotFoundError: for Fashion-MNIST when its files are not on disk.
+
+    Example:
+        >>> from normlab.lab.data import named_batches
+        >>> [tuple(x.shape) for x, _ in named_batches("mnist1d", batch_size=4, num_batches=2)]
+        [(4, 1, 40), (4, 1, 40)]
+    """
+    from ..functional._checks import check_positive_int, unknown_name_error
+
+    if name not in NAMED_DATASETS:
+        raise unknown_name_error("dataset", name, NAMED_DATASETS)
+    check_positive_int("named_batches", "batch_size", batch_size)
+    check_positive_int("named_batches", "num_batches", num_batches)
+    wanted = batch_size * num_batches
+    if name.startswith("fashion"):
+        x, y = load_fashion_mnist("train", data_dir, limit=min(wanted, 60000), seed=seed)
+    else:
+        data = load_mnist1d(seed=seed)
+        keep = torch.as_tensor(class_balanced_indices(data.y_train, min(wanted, len(data.y_train)), seed=seed))
+        x, y = as_signal(data.x_train[keep]), data.y_train[keep]
+    if name.endswith("-seq"):
+        x = as_sequence(x)
+    return list(batches(x, y, batch_size, seed=seed))[:num_batches]
