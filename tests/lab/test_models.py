@@ -205,7 +205,7 @@ def test_build_model_per_task(task, x):
     torch.manual_seed(0)
     model = build_model(task, norm, **kwargs)
     assert model(x).shape == (2, 10)
-    assert set(TASKS) == {"fashion", "mnist1d", "mnist1d-seq", "fashion-seq", "stream-mlp"}
+    assert set(TASKS) == {"fashion", "fashion-cnn", "mnist1d", "mnist1d-seq", "fashion-seq", "stream-mlp"}
 
 
 def test_build_model_options_and_kinds():
@@ -246,3 +246,21 @@ def test_bad_sizes_and_inputs():
         MLP("bn", in_features=8)(torch.randn(2, 9))
     with pytest.raises(ValueError, match=r"layout='rows' expects input .* got shape \(2, 28, 28\)"):
         SequenceClassifier("lstm", "ln", input_size=28, layout="rows")(torch.randn(2, 28, 28))
+
+
+def test_small_cnn_layers_and_resolution():
+    from normlab.lab.models import SmallCNN
+
+    model = SmallCNN("bn", widths=(4, 8, 8, 16))
+    norms = [m for m in model.modules() if isinstance(m, normlab.BatchNorm2d)]
+    assert [n.num_features for n in norms] == [4, 8, 8, 16]
+    seen = []
+    norms[-1].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert seen == [(2, 16, 3, 3)]  # 28 -> 14 -> 7 -> 3 positions a side
+    assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert isinstance(SmallCNN("gn+ws").features[0], normlab.StdConv2d)
+    with pytest.raises(ValueError, match="widths"):
+        SmallCNN("bn", widths=())
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        SmallCNN("bn")(torch.randn(2, 28, 28))

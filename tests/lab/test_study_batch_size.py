@@ -31,7 +31,9 @@ def test_protocol_is_the_group_norm_papers():
     # same epochs at every batch size; learning rate linear in the batch (0.1 at 32)
     assert {c.epochs for c in configs} == {quick.epochs}
     assert {c.batch_size: c.lr for c in configs} == {2: 0.1 * 2 / 32, 8: 0.1 * 8 / 32, 32: 0.1}
-    assert all(c.task == "fashion" and c.eval_every == c.epochs for c in configs)
+    assert all(c.task == "fashion-cnn" and c.eval_every == c.epochs for c in configs)
+    # enough data that batch 32 takes 1250 steps; the whole test set
+    assert quick.data["train_size"] * quick.epochs // 32 == 1250 and quick.data["test_size"] is None
     assert make_configs("smoke")[0].task == "mnist1d"
     full = make_configs("full")
     assert {c.norm for c in full} == set(NORMS) and len(NORMS) == 11

@@ -2,6 +2,7 @@
 
 =========================  =====================================================================================
 :class:`SmallResNet`       a CIFAR-style ResNet for 28x28 images (Fashion-MNIST): 3 stages of basic blocks
+:class:`SmallCNN`          a plain conv-norm-act CNN with max pooling for 28x28 images (the CPU-scale study model)
 :class:`CNN1d`             conv-norm-act layers for 1-D signals (MNIST-1D, (N, 1, 40))
 :class:`MLP`               linear-norm-act layers for feature vectors (synthetic streams)
 :class:`SequenceClassifier` NormLSTM / NormGRU + a linear head on the last step (sequence tasks)
@@ -55,6 +56,7 @@ __all__ = [
     "TASKS",
     "SEQUENCE_NORMS",
     "SmallResNet",
+    "SmallCNN",
     "CNN1d",
     "MLP",
     "SequenceClassifier",
@@ -63,7 +65,7 @@ __all__ = [
     "default_num_groups",
 ]
 
-TASKS = ("fashion", "mnist1d", "mnist1d-seq", "fashion-seq", "stream-mlp")
+TASKS = ("fashion", "fashion-cnn", "mnist1d", "mnist1d-seq", "fashion-seq", "stream-mlp")
 SEQUENCE_NORMS = (*RNN_NORMS, "vertical_bn")
 _SEQUENCE_TASKS = ("mnist1d-seq", "fashion-seq")
 
@@ -231,6 +233,64 @@ class SmallResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_channels(type(self).__name__, x, 4, self.in_channels, "(N, C, H, W)")
         return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
+
+
+class SmallCNN(nn.Module):
+    """A plain small CNN for 28x28 images: conv3x3-norm-act layers with 2x2 max pooling between them (28, 14, 7
+    and 3 positions a side for four layers), global average pooling and a linear classifier.
+
+    The CPU-scale model of the lab's batch-size study (the "small 4-layer CNN" of normlab's reference protocol):
+    cheap enough per step to train every batch size from 2 to 32 to convergence on 20,000 images in minutes.
+
+    Args:
+        norm: a factory spec, as for :class:`SmallResNet`.
+        num_classes: outputs of the classifier.
+        in_channels: channels of the input images.
+        widths: channels of each conv layer; a max pooling follows every layer but the last.
+        conv_layer: the convolution class (default: nn.Conv2d, or StdConv2d for ``"X+ws"``).
+
+    Shape:
+        Input (N, in_channels, H, W) with H, W >= 2 ** (len(widths) - 1), output (N, num_classes).
+
+    Raises:
+        ValueError: for an unknown norm, bad sizes, or input of the wrong shape.
+
+    Example:
+        >>> import torch
+        >>> from normlab.lab.models import SmallCNN
+        >>> tuple(SmallCNN("gn+ws")(torch.randn(2, 1, 28, 28)).shape)
+        (2, 10)
+    """
+
+    def __init__(
+        self,
+        norm="bn",
+        *,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        widths: Sequence[int] = (16, 32, 64, 64),
+        conv_layer: Callable | None = None,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.in_channels = check_positive_int(owner, "in_channels", in_channels)
+        check_positive_int(owner, "num_classes", num_classes)
+        widths = _check_sizes(owner, "widths", widths)
+        spec = _NormSpec(owner, norm, conv_layer)
+        self.norm = norm
+        layers, cin = [], in_channels
+        for i, width in enumerate(widths):
+            if i > 0:
+                layers.append(nn.MaxPool2d(2))
+            layers += [spec.conv2d(cin, width, 3, padding=1), spec.norm_act(width)]
+            cin = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_channels(type(self).__name__, x, 4, self.in_channels, "(N, C, H, W)")
+        return self.fc(self.pool(self.features(x)).flatten(1))
 
 
 class CNN1d(nn.Module):
@@ -472,6 +532,7 @@ class SequenceClassifier(nn.Module):
 def _task_models() -> dict[str, Callable[..., nn.Module]]:
     return {
         "fashion": lambda norm, **kw: SmallResNet(norm, **kw),
+        "fashion-cnn": lambda norm, **kw: SmallCNN(norm, **kw),
         "mnist1d": lambda norm, **kw: CNN1d(norm, **kw),
         "mnist1d-seq": lambda norm, **kw: SequenceClassifier(
             kw.pop("kind", "lstm"), norm, **{"input_size": 1, "num_layers": 2, "layout": "ncl", **kw}
@@ -513,6 +574,7 @@ def build_model(task: str, norm, **kwargs) -> nn.Module:
 
     ===============  ===========================================================================================
     ``fashion``      :class:`SmallResNet` for (N, 1, 28, 28) Fashion-MNIST images
+    ``fashion-cnn``  :class:`SmallCNN` for the same images
     ``mnist1d``      :class:`CNN1d` for (N, 1, 40) MNIST-1D signals
     ``mnist1d-seq``  :class:`SequenceClassifier` (``kind="lstm"`` unless given, 2 layers) on MNIST-1D as 40 steps
                      of 1 feature (layout ``"ncl"``: the (N, 1, 40) signals as they come)
@@ -532,3 +594,98 @@ def build_model(task: str, norm, **kwargs) -> nn.Module:
         (4, 10)
     """
     return _task_models()[_check_task(task)](norm, **kwargs)
+
+
+class _Bottleneck(nn.Module):
+    """conv1x1-norm-act, conv3x3(stride)-norm-act, conv1x1(4x)-norm, plus the (projected) shortcut, then act: the
+    bottleneck block of ResNet v1.5 (stride on the 3x3 convolution, as in torchvision)."""
+
+    expansion = 4
+
+    def __init__(self, spec: _NormSpec, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = spec.conv2d(cin, width, 1)
+        self.norm1 = spec.norm(width, act=True)
+        self.act1 = spec.act()
+        self.conv2 = spec.conv2d(width, width, 3, stride=stride, padding=1)
+        self.norm2 = spec.norm(width, act=True)
+        self.act2 = spec.act()
+        self.conv3 = spec.conv2d(width, cout, 1)
+        self.norm3 = spec.norm(cout, act=False)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(spec.conv2d(cin, cout, 1, stride=stride), spec.norm(cout, act=False))
+        self.act3 = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.norm1(self.conv1(x)))
+        out = self.act2(self.norm2(self.conv2(out)))
+        out = self.norm3(self.conv3(out))
+        return self.act3(out + self.shortcut(x))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 for ImageNet-sized images (He et al. 2016, arXiv 1512.03385; v1.5 as in torchvision) with its norm
+    chosen by a factory spec: a 7x7 stem, four stages of 3, 4, 6, 3 bottleneck blocks (widths 64 to 512, 4x
+    expansion), global average pooling and a linear classifier.
+
+    With ``norm="bn"`` (or torch.nn.BatchNorm2d) it has torchvision's ``resnet50()`` architecture and its 25,557,032
+    parameters; convolutions use torchvision's initialization (Kaiming normal, fan-out). Used by
+    ``normlab bench resnet50`` to time training steps without depending on torchvision.
+
+    Args:
+        norm: a factory spec, as for :class:`SmallResNet` (``"bn"``, ``"gn:32"``, ``"none"``, a class, or a callable
+            ``f(num_features)``).
+        num_classes: outputs of the classifier.
+        in_channels: channels of the input images.
+        conv_layer: the convolution class (default: nn.Conv2d, or StdConv2d for ``"X+ws"``).
+
+    Shape:
+        Input (N, in_channels, H, W) (224x224 for ImageNet; any H, W >= 32), output (N, num_classes).
+
+    Raises:
+        ValueError: for an unknown norm, bad sizes, or input of the wrong shape.
+
+    Example:
+        >>> import torch
+        >>> from normlab.lab.models import ResNet50
+        >>> model = ResNet50("gn:32", num_classes=10)
+        >>> tuple(model(torch.randn(1, 3, 32, 32)).shape)
+        (1, 10)
+    """
+
+    layers = (3, 4, 6, 3)
+    widths = (64, 128, 256, 512)
+
+    def __init__(
+        self, norm="bn", *, num_classes: int = 1000, in_channels: int = 3, conv_layer: Callable | None = None
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.in_channels = check_positive_int(owner, "in_channels", in_channels)
+        check_positive_int(owner, "num_classes", num_classes)
+        spec = _NormSpec(owner, norm, conv_layer)
+        self.norm = norm
+        self.stem = nn.Sequential(
+            spec.conv2d(in_channels, 64, 7, stride=2, padding=3),
+            spec.norm_act(64),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        )
+        stages, cin = [], 64
+        for i, (width, count) in enumerate(zip(self.widths, self.layers)):
+            blocks = []
+            for b in range(count):
+                blocks.append(_Bottleneck(spec, cin, width, stride=2 if i > 0 and b == 0 else 1))
+                cin = width * _Bottleneck.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_channels(type(self).__name__, x, 4, self.in_channels, "(N, C, H, W)")
+        return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
