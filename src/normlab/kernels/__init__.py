@@ -3,9 +3,12 @@
 Backends:
     ``reference``  normlab.functional: plain PyTorch math, runs anywhere; the oracle.
     ``native``     torch's own fused ops where torch has the exact op (F.batch_norm, F.group_norm, ...).
-    ``triton``     fused Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), where they exist.
-    ``auto``       (default) triton for CUDA inputs when Triton is importable and the op has a kernel, else native
-                   where it exists, else reference.
+    ``triton``     fused Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) for every op that has
+                   one (``triton_ops.OPS``), on any input; the other ops run as under ``auto``. A RuntimeError
+                   when Triton or normlab's kernels cannot be imported.
+    ``auto``       (default) triton for CUDA inputs when Triton is importable and the op has a kernel (unless the
+                   kernel was measured slower than torch for such an input: ``triton_ops.prefers_torch``), else
+                   native where it exists, else reference.
 
 The default comes from the environment variable ``NORMLAB_BACKEND`` (read at import) and can be changed with
 :func:`set_backend` or, for a block, :func:`use_backend`. Every dispatched call also takes ``backend=`` to force one.
@@ -26,7 +29,16 @@ from .. import functional
 from ..functional._checks import unknown_name_error
 from . import native
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "resolve", "triton_available", "call"]
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "resolve",
+    "triton_available",
+    "call",
+]
 
 BACKENDS = ("auto", "native", "reference", "triton")
 
@@ -67,14 +79,30 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# The kernels module once loaded, False when it cannot be (then _triton_error says why), None before the first try.
+# Loaded at import where kernels will be used (CUDA present, or backend triton), so that code traced by
+# torch.compile only reads this variable: Dynamo cannot trace an import and would break the graph there.
+_triton_ops = None
+_triton_error: str | None = None
+
+
+def _load_triton_ops():
+    global _triton_ops, _triton_error
+    if _triton_ops is None:
+        _triton_ops = False
+        if not triton_available():
+            _triton_error = "Triton is not installed (pip install triton)"
+        else:
+            try:
+                _triton_ops = importlib.import_module(f"{__name__}.triton_ops")
+            except ImportError as err:
+                _triton_error = f"importing normlab's Triton kernels failed: {err}"
+    return _triton_ops
+
+
 def _triton_impl(op: str) -> Callable | None:
-    if not triton_available():
-        return None
-    try:
-        module = importlib.import_module(f"{__name__}.triton_ops")
-    except ImportError:
-        return None
-    return getattr(module, op, None)
+    module = _triton_ops if _triton_ops is not None else _load_triton_ops()
+    return getattr(module, op, None) if module else None
 
 
 def resolve(op: str, x: torch.Tensor, backend: str | None = None) -> Callable:
@@ -87,18 +115,37 @@ def resolve(op: str, x: torch.Tensor, backend: str | None = None) -> Callable:
         return getattr(native, op, reference)
     if name == "triton":
         impl = _triton_impl(op)
-        if impl is None:
-            raise RuntimeError(
-                f"backend='triton': no Triton kernel for {op!r} (Triton installed: {triton_available()})"
-            )
-        return impl
+        if impl is not None:
+            return impl
+        if not _triton_ops:
+            raise RuntimeError(f"backend='triton' for {op!r}: {_triton_error}")
+        return getattr(native, op, reference)  # an op without a kernel runs as under "auto"
     if x.is_cuda:
         impl = _triton_impl(op)
-        if impl is not None:
+        if impl is not None and not _triton_ops.prefers_torch(op, x):
             return impl
     return getattr(native, op, reference)
 
 
-def call(op: str, x: torch.Tensor, *args, backend: str | None = None, **kwargs):
-    """Run ``op`` on ``x`` with the implementation chosen by :func:`resolve`."""
-    return resolve(op, x, backend)(x, *args, **kwargs)
+ACTIVATIONS = {"none": None, "relu": torch.nn.functional.relu, "silu": torch.nn.functional.silu}
+"""The activations a norm can be followed by in :func:`call` (``act=``)."""
+
+
+def call(op: str, x: torch.Tensor, *args, backend: str | None = None, act: str | None = None, **kwargs):
+    """Run ``op`` on ``x`` with the implementation chosen by :func:`resolve`, then the activation ``act``.
+
+    ``act`` ("relu", "silu"; None or "none" for no activation) is fused into the op where the implementation can
+    (the Triton kernels named in ``triton_ops.FUSES_ACT``: one pass over the output saved), else applied after it.
+    """
+    impl = resolve(op, x, backend)
+    if act is None or act == "none":
+        return impl(x, *args, **kwargs)
+    if act not in ACTIVATIONS:
+        raise unknown_name_error("act", act, ACTIVATIONS)
+    if _triton_ops and op in _triton_ops.FUSES_ACT and impl is getattr(_triton_ops, op):
+        return impl(x, *args, act=act, **kwargs)
+    return ACTIVATIONS[act](impl(x, *args, **kwargs))
+
+
+if _backend == "triton" or (torch.cuda.is_available() and triton_available()):
+    _load_triton_ops()

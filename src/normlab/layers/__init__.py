@@ -10,6 +10,7 @@ from .ghost_batch_norm import GhostBatchNorm2d
 from .group_norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer_norm import LayerNorm, LayerNorm2d, RMSNorm, RMSNorm2d
 from .mabn import MovingAverageBatchNorm2d
+from .norm_act import BatchNormAct2d, GroupNormAct
 from .online_norm import OnlineNorm1d, OnlineNorm2d
 from .recurrent_batch_norm import RecurrentBatchNorm1d
 from .rnn import NormGRU, NormGRUCell, NormLSTM, NormLSTMCell
@@ -19,6 +20,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct2d",
     "BatchRenorm2d",
     "CenteredConv2d",
     "EvoNorm2dB0",
@@ -29,6 +31,7 @@ __all__ = [
     "FrozenBatchNorm3d",
     "GhostBatchNorm2d",
     "GroupNorm",
+    "GroupNormAct",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",

@@ -1,0 +1,797 @@
+"""Fused Triton kernels for per-channel batch statistics: BatchNorm training and eval, and FrozenBatchNorm.
+
+Batch normalization (Ioffe & Szegedy, 2015, arXiv 1502.03167) with the signatures of
+:func:`normlab.functional.batch_norm` and :func:`normlab.functional.frozen_batch_norm`, plus a fused activation.
+
+The input is seen through :func:`~normlab.kernels._triton_utils.flat` as (N, C, S) in one of two layouts:
+
+* channels contiguous (channels_last, and every input with S = 1 such as (N, C)): rows of C values, P = N * S rows;
+  tiles are [BLOCK_P rows, BLOCK_C channels], loaded along the channels;
+* NCHW: the S positions of each (n, c) are contiguous; tiles run along S ([BLOCK_N samples, BLOCK_S positions] for
+  one channel in the reductions, [BLOCK_R (n, c) rows, BLOCK_S positions] in the elementwise kernels).
+
+Training forward (three launches, two reads of x and one write of y):
+
+1. ``_stats_cl_kernel`` / ``_stats_nchw_kernel``: a split reduction. Each program covers a block of rows (or of
+   samples and positions) for a block of channels (or one channel) and writes float32 partials count / mean / M2
+   (per-tile mean and centred M2, merged across tiles with Chan's formula, so a mean of 1e4 with std 1 keeps its
+   variance). The split is chosen so that about four programs per H100 SM run.
+2. ``_stats_merge_kernel``: merges the partials of each channel (Chan again), writes mean and rstd, and updates
+   running_mean / running_var in place (unbiased variance, momentum), all in one small launch.
+3. ``_normalize_kernel``: ``y = act((x - mean) * rstd * weight + bias)``, one read of x and one write of y.
+
+Backward (x and dy read twice, dx written once; only mean and rstd are saved, never a normalized copy of x):
+
+1. ``_grad_sums_cl_kernel`` / ``_grad_sums_nchw_kernel``: the same split, float32 partial sums of dz and dz * xhat
+   per channel, where dz is dy through the activation's derivative (recomputed from x).
+2. A sum over the partials: these are dbias and dweight.
+3. ``_grad_input_kernel``: ``dx = weight * rstd * (dz - mean(dz) - xhat * mean(dz * xhat))``.
+
+Eval with running statistics and FrozenBatchNorm are one elementwise pass (``_normalize_kernel`` computes each
+channel's scale from running_var in the kernel); their backward is one elementwise pass for dx, preceded by the
+reduction when weight or bias need gradients.
+
+The block sizes and splits are chosen by :func:`_cl_reduce_config`, :func:`_nchw_reduce_config`,
+:func:`_merge_config` and :func:`_elementwise_config` (one place to tune on a GPU).
+
+Custom ops (so torch.compile(fullgraph=True) keeps them opaque and Inductor recomputes nothing from the mutated
+running statistics): ``normlab::batch_norm_train`` (mutates running_mean and running_var; its autograd is a
+torch.autograd.Function around it, since torch.library cannot register autograd for a mutating op),
+``normlab::batch_norm_affine`` (eval / frozen, autograd registered on the op) and ``normlab::batch_norm_backward``.
+
+Example::
+
+    from normlab.kernels.batch_norm import batch_norm
+    x = torch.randn(32, 256, 56, 56, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    running_mean, running_var = torch.zeros(256, device="cuda"), torch.ones(256, device="cuda")
+    y = batch_norm(x, running_mean, running_var, weight, bias, training=True, act="relu")
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import functional as reference
+from ..functional._checks import check_batch_has_values
+from ._triton_utils import Flat, act_code, activation, activation_grad, flat
+
+__all__ = ["batch_norm", "frozen_batch_norm"]
+
+_TILE = 4096
+"""Elements per program and loop step in every kernel."""
+_MAX_BLOCK_C = 64
+"""Channels per tile in the channels-contiguous reductions."""
+_MAX_BLOCK_S = 1024
+"""Positions per tile along the contiguous dimension in the NCHW reductions and in the elementwise kernels."""
+_TARGET_PROGRAMS = 4 * 132
+"""Programs a split reduction aims for: four per SM of an H100."""
+
+
+# ----------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Count, mean and M2 of the union of two sets from those of each (Chan, Golub & LeVeque, 1979)."""
+    n = n_a + n_b
+    frac = n_b / tl.maximum(n, 1.0)
+    delta = mean_b - mean_a
+    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+
+
+@triton.jit
+def _channel_params(
+    mean_ptr, inv_ptr, w_ptr, b_ptr, ch, chmask, eps,
+    INV_IS_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Per-channel (mean, rstd, scale = weight * rstd, shift = bias) as ACC vectors; ``inv`` is rstd or a variance."""
+    mean = tl.load(mean_ptr + ch, mask=chmask, other=0.0).to(ACC)
+    if INV_IS_VAR:
+        rstd = 1.0 / tl.sqrt(tl.load(inv_ptr + ch, mask=chmask, other=1.0).to(ACC) + eps)
+    else:
+        rstd = tl.load(inv_ptr + ch, mask=chmask, other=1.0).to(ACC)
+    scale = rstd
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + ch, mask=chmask, other=0.0).to(ACC)
+    if HAS_B:
+        shift = tl.load(b_ptr + ch, mask=chmask, other=0.0).to(ACC)
+    else:
+        shift = tl.zeros_like(mean)
+    return mean, rstd, scale, shift
+
+
+@triton.jit
+def _per_channel(v, CHANNELS_LAST: tl.constexpr):
+    """A per-channel vector broadcast against a tile: along the columns (channels_last) or the rows (NCHW)."""
+    if CHANNELS_LAST:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _dz_xhat(dy, x, mean, rstd, scale, shift, ACT: tl.constexpr):
+    """The gradient at the pre-activation and the normalized input of a tile (per-channel values broadcast)."""
+    xhat = (x - mean) * rstd
+    if ACT != 0:
+        dy = activation_grad(dy, (x - mean) * scale + shift, ACT)
+    return dy, xhat
+
+
+@triton.jit
+def _stats_cl_kernel(
+    x_ptr, pcount_ptr, pmean_ptr, pm2_ptr, P, C, ROWS_PER_PROG,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Partial count / mean / M2 of channels [BLOCK_C] over rows [g * ROWS_PER_PROG, ...) of a (P, C) input."""
+    g = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    row0 = g * ROWS_PER_PROG
+    row_end = tl.minimum(row0 + ROWS_PER_PROG, P)
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    for start in range(row0, row_end, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        rmask = rows < row_end
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0).to(ACC)
+        count = tl.sum(rmask.to(ACC), 0)
+        tile_mean = tl.sum(x, 0) / count
+        d = tl.where(mask, x - tile_mean[None, :], 0.0)
+        _, mean, m2 = _chan_merge((start - row0).to(ACC), mean, m2, count, tile_mean, tl.sum(d * d, 0))
+    tl.store(pmean_ptr + g * C + cols, mean, mask=cmask)
+    tl.store(pm2_ptr + g * C + cols, m2, mask=cmask)
+    if tl.program_id(1) == 0:
+        tl.store(pcount_ptr + g, (row_end - row0).to(ACC))
+
+
+@triton.jit
+def _stats_nchw_kernel(
+    x_ptr, pcount_ptr, pmean_ptr, pm2_ptr, N, C, S, N_PER_PROG, S_PER_PROG, GROUPS_S,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Partial count / mean / M2 of channel c over a block of samples and positions of an (N, C, S) input."""
+    c = tl.program_id(0)
+    g = tl.program_id(1)
+    n0 = (g // GROUPS_S) * N_PER_PROG
+    n1 = tl.minimum(n0 + N_PER_PROG, N)
+    s0 = (g % GROUPS_S) * S_PER_PROG
+    s1 = tl.minimum(s0 + S_PER_PROG, S)
+    # per-lane (position within the S block) accumulators, merged across lanes at the end
+    lane_n = tl.zeros([BLOCK_S], ACC)
+    lane_mean = tl.zeros([BLOCK_S], ACC)
+    lane_m2 = tl.zeros([BLOCK_S], ACC)
+    for nb in range(n0, n1, BLOCK_N):
+        ns = nb + tl.arange(0, BLOCK_N)
+        nmask = ns < n1
+        row = (ns.to(tl.int64) * C + c) * S
+        for sb in range(s0, s1, BLOCK_S):
+            ss = sb + tl.arange(0, BLOCK_S)
+            mask = nmask[:, None] & (ss < s1)[None, :]
+            x = tl.load(x_ptr + row[:, None] + ss[None, :], mask=mask, other=0.0).to(ACC)
+            count = tl.sum(mask.to(ACC), 0)
+            tile_mean = tl.sum(x, 0) / tl.maximum(count, 1.0)
+            d = tl.where(mask, x - tile_mean[None, :], 0.0)
+            lane_n, lane_mean, lane_m2 = _chan_merge(lane_n, lane_mean, lane_m2, count, tile_mean, tl.sum(d * d, 0))
+    n = tl.sum(lane_n, 0)
+    mean = tl.sum(lane_n * lane_mean, 0) / tl.maximum(n, 1.0)
+    d = lane_mean - mean
+    m2 = tl.sum(lane_m2 + lane_n * d * d, 0)
+    tl.store(pmean_ptr + g * C + c, mean)
+    tl.store(pm2_ptr + g * C + c, m2)
+    if c == 0:
+        tl.store(pcount_ptr + g, n)
+
+
+@triton.jit
+def _stats_merge_kernel(
+    pcount_ptr, pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, rmean_ptr, rvar_ptr, G, C, momentum, eps,
+    UPDATE: tl.constexpr, ACC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Merge G partials per channel into mean and rstd; with UPDATE, move the running statistics towards the batch's
+    mean and unbiased variance in place."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    n = tl.zeros([BLOCK_C], ACC)
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    for g0 in range(0, G, BLOCK_G):
+        gs = g0 + tl.arange(0, BLOCK_G)
+        gmask = gs < G
+        mask = gmask[:, None] & cmask[None, :]
+        offs = gs[:, None] * C + cols[None, :]
+        count = tl.load(pcount_ptr + gs, mask=gmask, other=0.0)[:, None]
+        part_mean = tl.load(pmean_ptr + offs, mask=mask, other=0.0)
+        part_m2 = tl.load(pm2_ptr + offs, mask=mask, other=0.0)
+        block_n = tl.sum(count, 0)
+        block_mean = tl.sum(count * part_mean, 0) / tl.maximum(block_n, 1.0)
+        d = part_mean - block_mean[None, :]
+        block_m2 = tl.sum(part_m2 + count * d * d, 0)
+        n, mean, m2 = _chan_merge(n, mean, m2, block_n, block_mean, block_m2)
+    var = m2 / n
+    tl.store(mean_ptr + cols, mean, mask=cmask)
+    tl.store(rstd_ptr + cols, 1.0 / tl.sqrt(var + eps), mask=cmask)
+    if UPDATE:
+        running_mean = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        running_var = tl.load(rvar_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        unbiased = var * (n / tl.maximum(n - 1.0, 1.0))
+        running_mean = running_mean + momentum * (mean - running_mean)
+        running_var = running_var + momentum * (unbiased - running_var)
+        tl.store(rmean_ptr + cols, running_mean.to(rmean_ptr.dtype.element_ty), mask=cmask)
+        tl.store(rvar_ptr + cols, running_var.to(rvar_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _normalize_kernel(
+    x_ptr, y_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, A, B, C, eps,
+    CHANNELS_LAST: tl.constexpr, INV_IS_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """y = act((x - mean) * rstd * weight + bias) over an (A, B) input with B contiguous; the channel is the column
+    (channels_last: B = C) or the row modulo C (NCHW: rows are (n, c), B = S)."""
+    rows = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    cols = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask = (rows < A)[:, None] & (cols < B)[None, :]
+    if CHANNELS_LAST:
+        mean, rstd, scale, shift = _channel_params(
+            mean_ptr, inv_ptr, w_ptr, b_ptr, cols, cols < B, eps, INV_IS_VAR, HAS_W, HAS_B, ACC
+        )
+    else:
+        mean, rstd, scale, shift = _channel_params(
+            mean_ptr, inv_ptr, w_ptr, b_ptr, rows % C, rows < A, eps, INV_IS_VAR, HAS_W, HAS_B, ACC
+        )
+    offs = rows.to(tl.int64)[:, None] * B + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    z = (x - _per_channel(mean, CHANNELS_LAST)) * _per_channel(scale, CHANNELS_LAST) + _per_channel(
+        shift, CHANNELS_LAST
+    )
+    tl.store(y_ptr + offs, activation(z, ACT).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_sums_cl_kernel(
+    dy_ptr, x_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, psum_ptr, P, C, G, ROWS_PER_PROG, eps,
+    INV_IS_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Partial sums of dz and dz * xhat of channels [BLOCK_C] over a block of rows of a (P, C) input, stored at
+    psum[0, g, c] and psum[1, g, c]."""
+    g = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean, rstd, scale, shift = _channel_params(
+        mean_ptr, inv_ptr, w_ptr, b_ptr, cols, cmask, eps, INV_IS_VAR, HAS_W, HAS_B, ACC
+    )
+    row0 = g * ROWS_PER_PROG
+    row_end = tl.minimum(row0 + ROWS_PER_PROG, P)
+    sum_dz = tl.zeros([BLOCK_C], ACC)
+    sum_dz_xhat = tl.zeros([BLOCK_C], ACC)
+    for start in range(row0, row_end, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows < row_end)[:, None] & cmask[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        dz, xhat = _dz_xhat(dy, x, mean[None, :], rstd[None, :], scale[None, :], shift[None, :], ACT)
+        dz = tl.where(mask, dz, 0.0)
+        sum_dz += tl.sum(dz, 0)
+        sum_dz_xhat += tl.sum(dz * xhat, 0)
+    tl.store(psum_ptr + g * C + cols, sum_dz, mask=cmask)
+    tl.store(psum_ptr + (G + g) * C + cols, sum_dz_xhat, mask=cmask)
+
+
+@triton.jit
+def _grad_sums_nchw_kernel(
+    dy_ptr, x_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, psum_ptr, N, C, S, G, N_PER_PROG, S_PER_PROG, GROUPS_S, eps,
+    INV_IS_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Partial sums of dz and dz * xhat of channel c over a block of samples and positions of an (N, C, S) input."""
+    c = tl.program_id(0)
+    g = tl.program_id(1)
+    mean, rstd, scale, shift = _channel_params(
+        mean_ptr, inv_ptr, w_ptr, b_ptr, c, c < C, eps, INV_IS_VAR, HAS_W, HAS_B, ACC
+    )
+    n0 = (g // GROUPS_S) * N_PER_PROG
+    n1 = tl.minimum(n0 + N_PER_PROG, N)
+    s0 = (g % GROUPS_S) * S_PER_PROG
+    s1 = tl.minimum(s0 + S_PER_PROG, S)
+    sum_dz = tl.zeros([BLOCK_S], ACC)
+    sum_dz_xhat = tl.zeros([BLOCK_S], ACC)
+    for nb in range(n0, n1, BLOCK_N):
+        ns = nb + tl.arange(0, BLOCK_N)
+        nmask = ns < n1
+        row = (ns.to(tl.int64) * C + c) * S
+        for sb in range(s0, s1, BLOCK_S):
+            ss = sb + tl.arange(0, BLOCK_S)
+            mask = nmask[:, None] & (ss < s1)[None, :]
+            offs = row[:, None] + ss[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+            dz, xhat = _dz_xhat(dy, x, mean, rstd, scale, shift, ACT)
+            dz = tl.where(mask, dz, 0.0)
+            sum_dz += tl.sum(dz, 0)
+            sum_dz_xhat += tl.sum(dz * xhat, 0)
+    tl.store(psum_ptr + g * C + c, tl.sum(sum_dz, 0))
+    tl.store(psum_ptr + (G + g) * C + c, tl.sum(sum_dz_xhat, 0))
+
+
+@triton.jit
+def _grad_input_kernel(
+    dy_ptr, x_ptr, dx_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, sums_ptr, inv_count, A, B, C, eps,
+    CHANNELS_LAST: tl.constexpr, BATCH_STATS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """dx = weight * rstd * (dz - mean(dz) - xhat * mean(dz * xhat)) with batch statistics, else weight * rstd * dz;
+    the layout as in ``_normalize_kernel``; sums_ptr holds (sum dz, sum dz * xhat) as (2, C)."""
+    rows = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    cols = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask = (rows < A)[:, None] & (cols < B)[None, :]
+    if CHANNELS_LAST:
+        ch = cols
+        chmask = cols < B
+    else:
+        ch = rows % C
+        chmask = rows < A
+    mean, rstd, scale, shift = _channel_params(
+        mean_ptr, inv_ptr, w_ptr, b_ptr, ch, chmask, eps, not BATCH_STATS, HAS_W, HAS_B, ACC
+    )
+    offs = rows.to(tl.int64)[:, None] * B + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+    dz, xhat = _dz_xhat(
+        dy,
+        x,
+        _per_channel(mean, CHANNELS_LAST),
+        _per_channel(rstd, CHANNELS_LAST),
+        _per_channel(scale, CHANNELS_LAST),
+        _per_channel(shift, CHANNELS_LAST),
+        ACT,
+    )
+    if BATCH_STATS:
+        mean_dz = tl.load(sums_ptr + ch, mask=chmask, other=0.0) * inv_count
+        mean_dz_xhat = tl.load(sums_ptr + C + ch, mask=chmask, other=0.0) * inv_count
+        dz = dz - _per_channel(mean_dz, CHANNELS_LAST) - xhat * _per_channel(mean_dz_xhat, CHANNELS_LAST)
+    dx = dz * _per_channel(scale, CHANNELS_LAST)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# -------------------------------------------------------------------------------------------- launch configs
+
+
+def _cl_reduce_config(p: int, c: int) -> tuple[tuple[int, int], dict]:
+    """Grid and meta-parameters of a split reduction over the P rows of a (P, C) channels-contiguous input."""
+    block_c = min(triton.next_power_of_2(c), _MAX_BLOCK_C)
+    block_p = min(triton.next_power_of_2(p), max(1, _TILE // block_c))
+    c_blocks = triton.cdiv(c, block_c)
+    groups = max(1, min(triton.cdiv(_TARGET_PROGRAMS, c_blocks), triton.cdiv(p, block_p)))
+    rows = triton.cdiv(triton.cdiv(p, groups), block_p) * block_p
+    grid = (triton.cdiv(p, rows), c_blocks)
+    return grid, {"ROWS_PER_PROG": rows, "BLOCK_P": block_p, "BLOCK_C": block_c, "num_warps": 4}
+
+
+def _nchw_reduce_config(n: int, c: int, s: int) -> tuple[tuple[int, int], dict]:
+    """Grid (channel, split) and meta-parameters of a split reduction over (N, S) of an (N, C, S) input: samples
+    are split first, positions too when N * C alone gives too few programs."""
+    block_s = min(triton.next_power_of_2(s), _MAX_BLOCK_S)
+    block_n = min(triton.next_power_of_2(n), max(1, _TILE // block_s))
+    groups_n = max(1, min(triton.cdiv(_TARGET_PROGRAMS, c), triton.cdiv(n, block_n)))
+    n_per = triton.cdiv(triton.cdiv(n, groups_n), block_n) * block_n
+    groups_n = triton.cdiv(n, n_per)
+    groups_s = max(1, min(triton.cdiv(_TARGET_PROGRAMS, c * groups_n), triton.cdiv(s, block_s)))
+    s_per = triton.cdiv(triton.cdiv(s, groups_s), block_s) * block_s
+    groups_s = triton.cdiv(s, s_per)
+    meta = {"N_PER_PROG": n_per, "S_PER_PROG": s_per, "GROUPS_S": groups_s, "BLOCK_N": block_n, "BLOCK_S": block_s}
+    return (c, groups_n * groups_s), {**meta, "num_warps": 4}
+
+
+def _merge_config(groups: int, c: int) -> tuple[tuple[int], dict]:
+    """Grid and meta-parameters of the merge of ``groups`` partials per channel."""
+    block_c = min(triton.next_power_of_2(c), _MAX_BLOCK_C)
+    block_g = min(triton.next_power_of_2(groups), max(1, _TILE // block_c))
+    return (triton.cdiv(c, block_c),), {"BLOCK_G": block_g, "BLOCK_C": block_c, "num_warps": 4}
+
+
+def _elementwise_config(a: int, b: int) -> tuple[tuple[int, int], dict]:
+    """Grid and meta-parameters of an elementwise pass over an (A, B) input with B contiguous."""
+    block_b = min(triton.next_power_of_2(b), _MAX_BLOCK_S)
+    block_a = min(triton.next_power_of_2(a), max(1, _TILE // block_b))
+    return (triton.cdiv(a, block_a), triton.cdiv(b, block_b)), {"BLOCK_A": block_a, "BLOCK_B": block_b, "num_warps": 4}
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _device(x: torch.Tensor):
+    """Launch on x's GPU (Triton launches on the current device); nothing to do for CPU tensors (interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _elementwise_view(f: Flat) -> tuple[int, int, bool]:
+    """(A, B, channels_last) of the elementwise kernels: B is the contiguous dimension."""
+    if f.stride_c == 1:
+        return f.n * f.s, f.c, True
+    return f.n * f.c, f.s, False
+
+
+def _channel_tensor(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    """``t`` made contiguous, or a placeholder pointer for a kernel argument switched off by a constexpr flag."""
+    return fallback if t is None else t.contiguous()
+
+
+def _launch_stats(f: Flat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 1 of the training forward: partial (count (G,), mean (G, C), M2 (G, C)) in the accumulation dtype."""
+    x, acc = f.tensor, _acc(f.tensor.dtype)
+    if f.stride_c == 1:
+        grid, meta = _cl_reduce_config(f.n * f.s, f.c)
+        args = (f.n * f.s, f.c, meta.pop("ROWS_PER_PROG"))
+        kernel = _stats_cl_kernel
+    else:
+        grid, meta = _nchw_reduce_config(f.n, f.c, f.s)
+        args = (f.n, f.c, f.s, meta.pop("N_PER_PROG"), meta.pop("S_PER_PROG"), meta.pop("GROUPS_S"))
+        kernel = _stats_nchw_kernel
+    groups = grid[0] if f.stride_c == 1 else grid[1]
+    pcount = torch.empty(groups, dtype=acc, device=x.device)
+    pmean = torch.empty((groups, f.c), dtype=acc, device=x.device)
+    pm2 = torch.empty((groups, f.c), dtype=acc, device=x.device)
+    kernel[grid](x, pcount, pmean, pm2, *args, ACC=_tl_acc(x.dtype), **meta)
+    return pcount, pmean, pm2
+
+
+def _launch_normalize(x, y, mean, inv, weight, bias, eps: float, act: int, inv_is_var: bool) -> None:
+    f = flat(x)
+    a, b, channels_last = _elementwise_view(f)
+    grid, meta = _elementwise_config(a, b)
+    _normalize_kernel[grid](
+        x, y, mean, inv, _channel_tensor(weight, mean), _channel_tensor(bias, mean), a, b, f.c, eps,
+        CHANNELS_LAST=channels_last, INV_IS_VAR=inv_is_var, HAS_W=weight is not None, HAS_B=bias is not None,
+        ACT=act, ACC=_tl_acc(x.dtype), **meta,
+    )  # fmt: skip
+
+
+def _train_forward(x, weight, bias, running_mean, running_var, momentum: float, eps: float, act: int):
+    f = flat(x)
+    acc = _acc(x.dtype)
+    mean = torch.empty(f.c, dtype=acc, device=x.device)
+    rstd = torch.empty(f.c, dtype=acc, device=x.device)
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y, mean, rstd
+    update = running_mean is not None and running_var is not None
+    rmean = running_mean.contiguous() if update else mean
+    rvar = running_var.contiguous() if update else rstd
+    with _device(x):
+        pcount, pmean, pm2 = _launch_stats(f)
+        grid, meta = _merge_config(pcount.numel(), f.c)
+        _stats_merge_kernel[grid](
+            pcount, pmean, pm2, mean, rstd, rmean, rvar, pcount.numel(), f.c, momentum, eps,
+            UPDATE=update, ACC=_tl_acc(x.dtype), **meta,
+        )  # fmt: skip
+        _launch_normalize(x, y, mean, rstd, weight, bias, eps, act, inv_is_var=False)
+    if update:
+        # the kernel updated contiguous copies of strided buffers: write them back
+        for buffer, updated in ((running_mean, rmean), (running_var, rvar)):
+            if updated is not buffer:
+                buffer.copy_(updated)
+    return y, mean, rstd
+
+
+def _launch_grad_sums(dy, x, mean, inv, weight, bias, eps: float, act: int, batch_stats: bool) -> torch.Tensor:
+    """Stages 1 and 2 of the backward: (sum of dz, sum of dz * xhat) per channel as a (2, C) tensor."""
+    f = flat(x)
+    acc = _acc(x.dtype)
+    if f.stride_c == 1:
+        grid, meta = _cl_reduce_config(f.n * f.s, f.c)
+        groups = grid[0]
+        args = (f.n * f.s, f.c, groups, meta.pop("ROWS_PER_PROG"))
+        kernel = _grad_sums_cl_kernel
+    else:
+        grid, meta = _nchw_reduce_config(f.n, f.c, f.s)
+        groups = grid[1]
+        args = (f.n, f.c, f.s, groups, meta.pop("N_PER_PROG"), meta.pop("S_PER_PROG"), meta.pop("GROUPS_S"))
+        kernel = _grad_sums_nchw_kernel
+    psum = torch.empty((2, groups, f.c), dtype=acc, device=x.device)
+    kernel[grid](
+        dy, x, mean, inv, _channel_tensor(weight, mean), _channel_tensor(bias, mean), psum, *args, eps,
+        INV_IS_VAR=not batch_stats, HAS_W=weight is not None, HAS_B=bias is not None, ACT=act,
+        ACC=_tl_acc(x.dtype), **meta,
+    )  # fmt: skip
+    return psum.sum(1)
+
+
+def _backward(dy, x, mean, inv, weight, bias, eps: float, act: int, batch_stats: bool, param_grads: bool):
+    f = flat(x)
+    dx = torch.empty_like(x)
+    if dy.stride() != x.stride():
+        dy = torch.empty_like(x).copy_(dy)
+    mean, inv = mean.contiguous(), inv.contiguous()
+    if x.numel() == 0:
+        return dx, x.new_zeros((2, f.c), dtype=_acc(x.dtype))
+    with _device(x):
+        if batch_stats or param_grads:
+            sums = _launch_grad_sums(dy, x, mean, inv, weight, bias, eps, act, batch_stats)
+        else:
+            sums = x.new_zeros((2, f.c), dtype=_acc(x.dtype))
+        a, b, channels_last = _elementwise_view(f)
+        grid, meta = _elementwise_config(a, b)
+        _grad_input_kernel[grid](
+            dy, x, dx, mean, inv, _channel_tensor(weight, mean), _channel_tensor(bias, mean), sums,
+            f.c / x.numel(), a, b, f.c, eps, CHANNELS_LAST=channels_last, BATCH_STATS=batch_stats,
+            HAS_W=weight is not None, HAS_B=bias is not None, ACT=act, ACC=_tl_acc(x.dtype), **meta,
+        )  # fmt: skip
+    return dx, sums
+
+
+# ---------------------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("normlab::batch_norm_train", mutates_args=("running_mean", "running_var"))
+def _batch_norm_train(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+    act: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, batch mean, batch rstd); running_mean and running_var (when given) are updated in place."""
+    return _train_forward(x, weight, bias, running_mean, running_var, momentum, eps, act)
+
+
+@_batch_norm_train.register_fake
+def _(x, weight, bias, running_mean, running_var, momentum, eps, act):
+    stat = x.new_empty(x.shape[1], dtype=_acc(x.dtype))
+    return torch.empty_like(x), stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("normlab::batch_norm_affine", mutates_args=())
+def _batch_norm_affine(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    act: int,
+) -> torch.Tensor:
+    """act((x - mean) / sqrt(var + eps) * weight + bias) with fixed per-channel statistics."""
+    y = torch.empty_like(x)
+    if x.numel() > 0:
+        with _device(x):
+            _launch_normalize(x, y, mean.contiguous(), var.contiguous(), weight, bias, eps, act, inv_is_var=True)
+    return y
+
+
+@_batch_norm_affine.register_fake
+def _(x, mean, var, weight, bias, eps, act):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("normlab::batch_norm_backward", mutates_args=())
+def _batch_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    inv: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    act: int,
+    batch_stats: bool,
+    param_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, sums) where sums (2, C) = (dbias, dweight) in the accumulation dtype (zeros when neither batch_stats nor
+    param_grads asked for them). With batch_stats, (mean, inv) are the batch mean and rstd; without, the fixed
+    mean and variance."""
+    return _backward(dy, x, mean, inv, weight, bias, eps, act, batch_stats, param_grads)
+
+
+@_batch_norm_backward.register_fake
+def _(dy, x, mean, inv, weight, bias, eps, act, batch_stats, param_grads):
+    return torch.empty_like(x), x.new_empty((2, x.shape[1]), dtype=_acc(x.dtype))
+
+
+def _param_grads(sums: torch.Tensor, weight, bias, needs_weight: bool, needs_bias: bool):
+    dweight = sums[1].to(weight.dtype) if needs_weight else None
+    dbias = sums[0].to(bias.dtype) if needs_bias else None
+    return dweight, dbias
+
+
+def _affine_setup_context(ctx, inputs, output):
+    x, mean, var, weight, bias, eps, act = inputs
+    ctx.save_for_backward(x, mean, var, weight, bias)
+    ctx.eps, ctx.act = eps, act
+
+
+def _affine_backward(ctx, dy):
+    x, mean, var, weight, bias = ctx.saved_tensors
+    needs_weight, needs_bias = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+    dx, sums = _batch_norm_backward(dy, x, mean, var, weight, bias, ctx.eps, ctx.act, False, needs_weight or needs_bias)
+    return (dx, None, None, *_param_grads(sums, weight, bias, needs_weight, needs_bias), None, None)
+
+
+_batch_norm_affine.register_autograd(_affine_backward, setup_context=_affine_setup_context)
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """Autograd of ``normlab::batch_norm_train``. torch.library refuses autograd formulas for mutating ops, so this
+    Function wraps it; torch.compile traces it into one forward and one backward op, saving the batch mean and rstd
+    (never recomputing them from the updated running statistics)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, act):
+        y, mean, rstd = _batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps, act)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.eps, ctx.act = eps, act
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        needs_weight, needs_bias = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dx, sums = _batch_norm_backward(dy, x, mean, rstd, weight, bias, ctx.eps, ctx.act, True, True)
+        dx = dx if ctx.needs_input_grad[0] else None
+        return (dx, *_param_grads(sums, weight, bias, needs_weight, needs_bias), None, None, None, None, None)
+
+
+# ------------------------------------------------------------------------------------------ public functions
+
+
+def _check_per_channel(owner: str, x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """x is (N, C, *) and each given per-channel tensor has shape (C,)."""
+    if x.dim() < 2:
+        raise ValueError(f"{owner}: expected input of shape (N, C, *) with 2 or more dims, got {tuple(x.shape)}")
+    for name, t in tensors.items():
+        if t is not None and tuple(t.shape) != (x.shape[1],):
+            raise ValueError(
+                f"{owner}: {name} has shape {tuple(t.shape)}, expected ({x.shape[1]},) for an input of shape "
+                f"{tuple(x.shape)}"
+            )
+
+
+def _activate(y: torch.Tensor, act: int) -> torch.Tensor:
+    if act == 1:
+        return torch.relu(y)
+    if act == 2:
+        return torch.nn.functional.silu(y)
+    return y
+
+
+def batch_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    process_group=None,
+    act: str | None = None,
+) -> torch.Tensor:
+    r"""Batch normalization (Ioffe & Szegedy, 2015, arXiv 1502.03167) with fused Triton kernels.
+
+    .. math:: y = \mathrm{act}\left(\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta\right)
+
+    The semantics of :func:`normlab.functional.batch_norm` (and torch.nn.functional.batch_norm): in training, or
+    without running statistics, the statistics are the batch's per channel over (N, \*) with the biased variance;
+    running statistics, when given in training, are updated in place with the unbiased variance,
+    ``running = (1 - momentum) * running + momentum * batch``, in the same launch that merges the statistics.
+    Otherwise the running statistics normalize (one elementwise pass). Statistics accumulate in float32 (float64
+    for float64 input); y has x's dtype and memory format.
+
+    Args:
+        x: input (N, C, \*), on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
+        running_mean, running_var: (C,) buffers or None. No gradient flows to them.
+        weight, bias: optional (C,) affine parameters (may be float32 for half-precision x).
+        training: use (and record) batch statistics.
+        momentum: PyTorch convention, weight of the new batch (Keras' 0.9 is PyTorch's 0.1). A number: for a
+            cumulative average (``momentum=None`` in the layers) pass ``1 / (num_batches_tracked + 1)``, as
+            :class:`normlab.layers.BatchNorm2d` does.
+        eps: added to the variance.
+        process_group: synchronize the batch statistics over this torch.distributed group. Not fused: the call
+            falls back to the reference (and applies ``act`` after it).
+        act: fused activation after the affine: None, "relu" or "silu".
+
+    Raises:
+        ValueError: on an input with fewer than 2 dims, a per-channel tensor whose shape is not (C,), an unknown
+            ``act``, ``momentum=None`` when running statistics would be updated, or (like the reference) a batch
+            with one value per channel when batch statistics are used.
+
+    Note:
+        Training (or no running statistics) normalizes with the batch statistics; eval with running statistics is
+        the fixed per-channel affine of :func:`frozen_batch_norm`.
+
+    Example::
+
+        x = torch.randn(8, 16, 32, 32, device="cuda")
+        running_mean, running_var = torch.zeros(16, device="cuda"), torch.ones(16, device="cuda")
+        y = batch_norm(x, running_mean, running_var, training=True, momentum=0.1)
+    """
+    code = act_code("batch_norm", act)
+    if process_group is not None:
+        y = reference.batch_norm(
+            x, running_mean, running_var, weight, bias, training, momentum, eps, process_group=process_group
+        )
+        return _activate(y, code)
+    _check_per_channel("batch_norm", x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    x = flat(x).tensor
+    if training or running_mean is None:
+        check_batch_has_values("batch_norm", x)
+        update = training and running_mean is not None and running_var is not None
+        if update and momentum is None:
+            raise ValueError(
+                "batch_norm: momentum=None is the layers' cumulative average; pass the factor "
+                "1 / (num_batches_tracked + 1) as momentum"
+            )
+        if not update:
+            running_mean = running_var = None
+        return _BatchNormTrain.apply(
+            x, weight, bias, running_mean, running_var, float(momentum) if update else 0.0, float(eps), code
+        )
+    if running_var is None:
+        raise ValueError("batch_norm: running_mean is given but running_var=None; pass both or neither")
+    return _batch_norm_affine(x, running_mean, running_var, weight, bias, float(eps), code)
+
+
+def frozen_batch_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    act: str | None = None,
+) -> torch.Tensor:
+    r"""Batch normalization with fixed statistics, one fused elementwise pass (see
+    :func:`normlab.functional.frozen_batch_norm`).
+
+    .. math:: y = \mathrm{act}\left(\frac{x - \mathrm{running\_mean}}{\sqrt{\mathrm{running\_var} + \epsilon}}
+        \gamma + \beta\right)
+
+    torch.nn.BatchNorm in eval mode (Ioffe & Szegedy, 2015, arXiv 1502.03167), as used by detection backbones
+    (torchvision.ops.FrozenBatchNorm2d). Computed in float32 (float64 for float64 input); y has x's dtype and
+    memory format. Gradients flow to x, weight and bias; weight and bias gradients cost one extra reduction pass
+    and are computed only when asked for.
+
+    Args:
+        x: input (N, C, \*), on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
+        running_mean, running_var: (C,) statistics. No gradient flows to them.
+        weight, bias: optional (C,) scale and shift (None: 1 and 0).
+        eps: added to the variance.
+        act: fused activation after the affine: None, "relu" or "silu".
+
+    Raises:
+        ValueError: on an input with fewer than 2 dims, a per-channel tensor whose shape is not (C,), or an unknown
+            ``act``.
+
+    Note:
+        There is no training mode: the statistics never come from the batch and are never updated.
+
+    Example::
+
+        x = torch.randn(2, 64, 56, 56, device="cuda", dtype=torch.bfloat16)
+        y = frozen_batch_norm(x, running_mean, running_var, weight, bias, act="relu")
+    """
+    code = act_code("frozen_batch_norm", act)
+    _check_per_channel(
+        "frozen_batch_norm", x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
+    return _batch_norm_affine(flat(x).tensor, running_mean, running_var, weight, bias, float(eps), code)

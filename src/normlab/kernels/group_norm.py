@@ -1,0 +1,969 @@
+"""Fused Triton kernels for the per-sample group-statistics family: group norm, instance norm, layer norm over
+(C, *), RMS norm over (C, *) and EvoNorm-S0.
+
+Every member normalizes each sample n over a group of ``CG = C / G`` consecutive channels and all S positions, then
+applies a per-channel affine and optionally a fused activation (ReLU or SiLU):
+
+================  ======  =====================================================================================
+op                G       per-element pre-activation z (``rstd = 1 / sqrt(var_{n,g} + eps)``)
+================  ======  =====================================================================================
+group_norm        G       (x - mean) rstd w + b
+instance_norm     C       (x - mean) rstd w + b; in eval the running statistics stand for mean/var (an affine)
+layer_norm        1       (x - mean) rstd w + b
+rms_norm          1       x rstd w, with var replaced by the mean of squares (mean taken as 0)
+evonorm_s0        G       x sigmoid(v x) rstd w + b (v=None: group norm)
+================  ======  =====================================================================================
+
+One set of kernels serves all five; constexpr flags select the variant (RMS statistics, the sigmoid GATE, the
+CENTER term of the input gradient, the activation ACT, present parameters, the layout).
+
+Organization. A program owns sample n, a split k of the positions (``span`` consecutive positions, so that
+``N * splits * group_blocks`` is about twice the SM count) and a block of whole groups. It walks its positions in
+tiles ``[BLOCK_S, BLOCK_G, BLOCK_CG]`` (positions x groups x channels of a group); channels are the contiguous axis
+for channels_last inputs (a tile spans up to 512 channels, e.g. all 256 of a ResNet stage: 32 groups of 8) and
+positions for NCHW inputs (a tile spans up to 1024 positions of a few channels). Groups wider than BLOCK_CG are
+walked in channel chunks.
+
+Forward (3 launches, 2 when one split covers all positions):
+  1. ``_stats_kernel``: per-lane Welford over the program's positions (no reduction inside the loop), merged per
+     group with Chan's formula into (mean, M2) partials in an fp32 workspace (2, N * splits, G);
+  2. ``_merge_stats_kernel``: Chan's formula over the splits -> mean, var (N, G);
+  3. ``_normalize_kernel``: y = act(z).
+  Traffic: x read twice, y written once; the workspace is N * splits * G * 8 bytes.
+
+Backward (3 launches plus one torch.sum):
+  1. ``_bwd_reduce_kernel``: per-channel partial sums over the program's positions of dz * xhat and dz (and the
+     EvoNorm v term), dz the gradient of z (the activation's gradient recomputed from x), in (parts, N * splits, C);
+  2. ``_bwd_group_sums_kernel``: per (n, g) means c1 = E_g[dz w] and c2 = E_g[dz w xhat] from those partials;
+     weight / bias / v gradients are one deterministic torch.sum of the same partials over (n, split);
+  3. ``_bwd_dx_kernel``: dx = rstd (dz w h' - c1 - (x - mean) rstd c2) (h' the gate's derivative, 1 without it;
+     c1 only where the mean is subtracted).
+  Traffic: x and dy read twice, dx written once. Only (mean, var) per (n, g) are saved for the backward.
+
+Statistics accumulate in float32 (float64 for float64 input); the output has x's dtype and layout. The ops are
+registered as ``normlab::group_stats_norm`` and ``normlab::group_stats_norm_backward`` (torch.library custom ops
+with fake and autograd registrations), so torch.compile(fullgraph=True) traces through them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..functional._checks import check_divides, check_input, check_positive_int, check_spatial_has_values
+from ..functional._stats import accumulation_dtype
+from ..functional.batch_norm import update_running_stats
+from ._triton_utils import act_code, activation, activation_grad, flat
+
+__all__ = ["Blocks", "blocks", "group_norm", "instance_norm", "layer_norm", "rms_norm", "evonorm_s0"]
+
+# triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when this module is imported.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# ---- launch configuration (tune on the GPU here) ------------------------------------------------------------------
+
+_TILE = 4096
+"""Elements a program loads per loop step of the main kernels."""
+_TILE_CHANNELS = 512
+"""channels_last: channels one tile spans (whole groups)."""
+_TILE_POSITIONS = 1024
+"""NCHW: positions one tile spans."""
+_PROGRAMS_PER_SM = 4
+"""Programs per SM the position splits aim for (at 64 registers a thread, 4 programs of 8 warps fit an SM; more
+resident programs keep more loads in flight, since these loops are not software-pipelined)."""
+_SM_COUNT_WITHOUT_CUDA = 132
+"""The H100's SM count, so that the interpreter on CPU runs the same launch configuration as the GPU would."""
+_NUM_WARPS = 8
+"""Warps of the main kernels (a 4096-element tile is 16 values a thread)."""
+_STAGE2_TILE = 4096
+"""Elements a second-stage program (merging the per-split partials) loads per step."""
+_STAGE2_CHANNELS = 64
+"""Channels a second-stage program covers: small, so that the (N, G / groups-per-program) grid has many programs."""
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Launch configuration of the main kernels: tile sizes, position splits and warps.
+
+    A program covers positions ``[k * span, min((k + 1) * span, S))`` of one sample for ``block_g`` groups;
+    ``splits = ceil(S / span)``.
+    """
+
+    block_s: int
+    block_g: int
+    block_cg: int
+    splits: int
+    span: int
+    num_warps: int
+
+
+def blocks(n: int, groups: int, group_size: int, positions: int, channels_last: bool, sm_count: int) -> Blocks:
+    """The :class:`Blocks` for an input of n samples, ``groups`` groups of ``group_size`` channels and ``positions``
+    positions per channel. Tests replace this function to force loops and splits on small shapes."""
+    np2 = triton.next_power_of_2
+    block_cg = min(np2(group_size), _TILE)
+    if channels_last:
+        block_g = min(np2(groups), max(1, _TILE_CHANNELS // block_cg))
+        block_s = min(np2(positions), max(1, _TILE // (block_g * block_cg)))
+    else:
+        block_s = min(np2(positions), _TILE_POSITIONS)
+        block_cg = min(block_cg, max(1, _TILE // block_s))
+        block_g = min(np2(groups), max(1, _TILE // (block_s * block_cg)))
+    tiles = triton.cdiv(positions, block_s)
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * sm_count, n * triton.cdiv(groups, block_g))
+    span = max(1, tiles // wanted) * block_s
+    return Blocks(block_s, block_g, block_cg, triton.cdiv(positions, span), span, _NUM_WARPS)
+
+
+def _stage2_blocks(splits: int, groups: int, group_size: int) -> tuple[int, int, int]:
+    """(block_k, block_g, block_cg) of the kernels that reduce the per-split partials (split x group x channel)."""
+    np2 = triton.next_power_of_2
+    block_cg = min(np2(group_size), _STAGE2_CHANNELS)
+    block_g = min(np2(groups), max(1, _STAGE2_CHANNELS // block_cg))
+    block_k = min(np2(splits), max(1, _STAGE2_TILE // (block_g * block_cg)))
+    return block_k, block_g, block_cg
+
+
+@functools.lru_cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT_WITHOUT_CUDA
+
+
+# ---- Triton helpers -----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _program(splits, span, S, BLOCK_G: tl.constexpr):
+    """(row = n * splits + k, n, first position, end position, group indices) of this program."""
+    row = tl.program_id(0)
+    n = row // splits
+    s_lo = (row % splits) * span
+    s_hi = tl.minimum(s_lo + span, S)
+    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    return row, n, s_lo, s_hi, groups
+
+
+@triton.jit
+def _tile_offsets(s, chan, S, C, CHANNELS_LAST: tl.constexpr):
+    """Offsets within a sample of positions ``s`` [BS] x channels ``chan`` [BG, BCG] -> [BS, BG, BCG]."""
+    if CHANNELS_LAST:
+        offs = s[:, None, None] * C + chan[None, :, :]
+    else:
+        offs = chan[None, :, :] * S + s[:, None, None]
+    return offs
+
+
+@triton.jit
+def _channel_param(ptr, chan, mask, PRESENT: tl.constexpr, default, dtype: tl.constexpr):
+    """A per-channel parameter at ``chan`` as ``dtype``, or ``default`` everywhere when the parameter is absent."""
+    if PRESENT:
+        p = tl.load(ptr + chan, mask=mask, other=default).to(dtype)
+    else:
+        p = tl.full(chan.shape, default, dtype)
+    return p
+
+
+@triton.jit
+def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan et al.'s parallel merge of two (count, mean, M2) summaries."""
+    count = count_a + count_b
+    delta = mean_b - mean_a
+    frac = count_b / tl.maximum(count, 1.0)
+    return count, mean_a + delta * frac, m2_a + m2_b + delta * delta * count_a * frac
+
+
+@triton.jit
+def _finalize(mean, var, RMS: tl.constexpr):
+    """The (mean, var) the normalization uses: RMS norm subtracts nothing and divides by the mean square."""
+    if RMS:
+        var = var + mean * mean
+        mean = mean * 0.0
+    return mean, var
+
+
+# ---- forward kernels ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _stats_kernel(
+    x_ptr,
+    out_mean_ptr,
+    out_b_ptr,
+    S,
+    C,
+    G,
+    splits,
+    span,
+    stride_n,
+    CG: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    FINAL: tl.constexpr,
+    RMS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+):
+    """(mean, M2) of each group over this program's positions; with FINAL (one split) the finished (mean, var)."""
+    acc: tl.constexpr = out_mean_ptr.dtype.element_ty
+    row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
+    g_ok = groups < G
+    x_base = x_ptr + n.to(tl.int64) * stride_n
+    count = tl.zeros([BLOCK_G], acc)
+    mean = tl.zeros([BLOCK_G], acc)
+    m2 = tl.zeros([BLOCK_G], acc)
+    for c0 in range(0, CG, BLOCK_CG):
+        cg = c0 + tl.arange(0, BLOCK_CG)
+        c_ok = g_ok[:, None] & (cg < CG)[None, :]
+        chan = groups[:, None] * CG + cg[None, :]
+        # Welford per tile lane: the loop body is elementwise; lanes are merged once per channel chunk.
+        lane_count = tl.zeros([BLOCK_S], acc)
+        lane_mean = tl.zeros([BLOCK_S, BLOCK_G, BLOCK_CG], acc)
+        lane_m2 = tl.zeros([BLOCK_S, BLOCK_G, BLOCK_CG], acc)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            s_ok = s < s_hi
+            mask = s_ok[:, None, None] & c_ok[None, :, :]
+            x = tl.load(x_base + _tile_offsets(s, chan, S, C, CHANNELS_LAST), mask=mask, other=0.0).to(acc)
+            lane_count += s_ok.to(acc)
+            inv_count = 1.0 / tl.maximum(lane_count, 1.0)
+            delta = tl.where(mask, x - lane_mean, 0.0)
+            lane_mean += delta * inv_count[:, None, None]
+            lane_m2 += delta * (x - lane_mean)
+        lane_weight = tl.where(c_ok[None, :, :], lane_count[:, None, None], 0.0)
+        chunk_count = tl.sum(tl.sum(lane_weight, 2), 0)
+        chunk_mean = tl.sum(tl.sum(lane_weight * lane_mean, 2), 0) / tl.maximum(chunk_count, 1.0)
+        dev = lane_mean - chunk_mean[None, :, None]
+        chunk_m2 = tl.sum(tl.sum(lane_m2 + lane_weight * dev * dev, 2), 0)
+        count, mean, m2 = _chan_merge(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
+    if FINAL:
+        mean, m2 = _finalize(mean, m2 / tl.maximum(count, 1.0), RMS)
+    tl.store(out_mean_ptr + row * G + groups, mean, mask=g_ok)
+    tl.store(out_b_ptr + row * G + groups, m2, mask=g_ok)
+
+
+@triton.jit
+def _merge_stats_kernel(
+    part_mean_ptr,
+    part_m2_ptr,
+    mean_ptr,
+    var_ptr,
+    S,
+    G,
+    splits,
+    span,
+    CG: tl.constexpr,
+    RMS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """mean, var (N, G) from the (mean, M2) partials of the splits, by Chan's formula one block of splits at a time."""
+    acc: tl.constexpr = mean_ptr.dtype.element_ty
+    n = tl.program_id(0)
+    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_ok = groups < G
+    count = tl.zeros([BLOCK_G], acc)
+    mean = tl.zeros([BLOCK_G], acc)
+    m2 = tl.zeros([BLOCK_G], acc)
+    for k0 in range(0, splits, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = (ks < splits)[:, None] & g_ok[None, :]
+        idx = (n * splits + ks)[:, None] * G + groups[None, :]
+        part_mean = tl.load(part_mean_ptr + idx, mask=mask, other=0.0)
+        part_m2 = tl.load(part_m2_ptr + idx, mask=mask, other=0.0)
+        part_count = tl.where(mask, (tl.minimum(S - ks * span, span) * CG).to(acc)[:, None], 0.0)
+        block_count = tl.sum(part_count, 0)
+        block_mean = tl.sum(part_count * part_mean, 0) / tl.maximum(block_count, 1.0)
+        dev = part_mean - block_mean[None, :]
+        block_m2 = tl.sum(part_m2 + part_count * dev * dev, 0)
+        count, mean, m2 = _chan_merge(count, mean, m2, block_count, block_mean, block_m2)
+    mean, var = _finalize(mean, m2 / tl.maximum(count, 1.0), RMS)
+    tl.store(mean_ptr + n * G + groups, mean, mask=g_ok)
+    tl.store(var_ptr + n * G + groups, var, mask=g_ok)
+
+
+@triton.jit
+def _normalize_kernel(
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    b_ptr,
+    v_ptr,
+    mean_ptr,
+    var_ptr,
+    eps,
+    S,
+    C,
+    G,
+    splits,
+    span,
+    stride_n,
+    stat_stride_n,
+    CG: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    GATE: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+):
+    """y = act(xhat w + b) for this program's positions and groups."""
+    acc: tl.constexpr = mean_ptr.dtype.element_ty
+    row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
+    g_ok = groups < G
+    mean = tl.load(mean_ptr + n * stat_stride_n + groups, mask=g_ok, other=0.0)
+    rstd = tl.rsqrt(tl.load(var_ptr + n * stat_stride_n + groups, mask=g_ok, other=1.0) + eps)
+    base = n.to(tl.int64) * stride_n
+    for c0 in range(0, CG, BLOCK_CG):
+        cg = c0 + tl.arange(0, BLOCK_CG)
+        c_ok = g_ok[:, None] & (cg < CG)[None, :]
+        chan = groups[:, None] * CG + cg[None, :]
+        w = _channel_param(w_ptr, chan, c_ok, HAS_W, 1.0, acc)
+        b = _channel_param(b_ptr, chan, c_ok, HAS_B, 0.0, acc)
+        v = _channel_param(v_ptr, chan, c_ok, GATE, 0.0, acc)
+        scale = (rstd[:, None] * w)[None, :, :]
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = (s < s_hi)[:, None, None] & c_ok[None, :, :]
+            offs = base + _tile_offsets(s, chan, S, C, CHANNELS_LAST)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
+            if GATE:
+                u = x * tl.sigmoid(v[None, :, :] * x)
+            else:
+                u = x - mean[None, :, None]
+            y = activation(u * scale + b[None, :, :], ACT)
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- backward kernels ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_reduce_kernel(
+    x_ptr,
+    dy_ptr,
+    w_ptr,
+    b_ptr,
+    v_ptr,
+    mean_ptr,
+    var_ptr,
+    part_ptr,
+    eps,
+    S,
+    C,
+    G,
+    splits,
+    span,
+    stride_n,
+    stat_stride_n,
+    part_stride,
+    CG: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    GATE: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+):
+    """Per-channel sums over this program's positions of dz xhat, dz and (GATE) dz dz/dv, into row n * splits + k."""
+    acc: tl.constexpr = mean_ptr.dtype.element_ty
+    row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
+    g_ok = groups < G
+    mean = tl.load(mean_ptr + n * stat_stride_n + groups, mask=g_ok, other=0.0)
+    rstd = tl.rsqrt(tl.load(var_ptr + n * stat_stride_n + groups, mask=g_ok, other=1.0) + eps)
+    base = n.to(tl.int64) * stride_n
+    for c0 in range(0, CG, BLOCK_CG):
+        cg = c0 + tl.arange(0, BLOCK_CG)
+        c_ok = g_ok[:, None] & (cg < CG)[None, :]
+        chan = groups[:, None] * CG + cg[None, :]
+        w = _channel_param(w_ptr, chan, c_ok, HAS_W, 1.0, acc)
+        b = _channel_param(b_ptr, chan, c_ok, HAS_B, 0.0, acc)
+        v = _channel_param(v_ptr, chan, c_ok, GATE, 0.0, acc)
+        sum_a = tl.zeros([BLOCK_S, BLOCK_G, BLOCK_CG], acc)
+        sum_b = tl.zeros([BLOCK_S, BLOCK_G, BLOCK_CG], acc)
+        sum_v = tl.zeros([BLOCK_S, BLOCK_G, BLOCK_CG], acc)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = (s < s_hi)[:, None, None] & c_ok[None, :, :]
+            offs = base + _tile_offsets(s, chan, S, C, CHANNELS_LAST)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc)
+            if GATE:
+                sig = tl.sigmoid(v[None, :, :] * x)
+                xhat = x * sig * rstd[None, :, None]
+            else:
+                xhat = (x - mean[None, :, None]) * rstd[None, :, None]
+            dz = activation_grad(dy, xhat * w[None, :, :] + b[None, :, :], ACT)
+            sum_a += dz * xhat
+            sum_b += dz
+            if GATE:
+                sum_v += dz * x * x * sig * (1.0 - sig)
+        out = part_ptr + row * C + chan
+        tl.store(out, tl.sum(sum_a, 0), mask=c_ok)
+        tl.store(out + part_stride, tl.sum(sum_b, 0), mask=c_ok)
+        if GATE:
+            tl.store(out + 2 * part_stride, tl.sum(sum_v, 0) * w * rstd[:, None], mask=c_ok)
+
+
+@triton.jit
+def _bwd_group_sums_kernel(
+    part_ptr,
+    w_ptr,
+    c1_ptr,
+    c2_ptr,
+    part_stride,
+    C,
+    G,
+    splits,
+    inv_count,
+    CG: tl.constexpr,
+    HAS_W: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+):
+    """c1 = E_g[dz w] and c2 = E_g[dz w xhat] per (n, g) from the per-channel partials of every split."""
+    acc: tl.constexpr = c1_ptr.dtype.element_ty
+    n = tl.program_id(0)
+    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_ok = groups < G
+    sum_a = tl.zeros([BLOCK_G], acc)
+    sum_b = tl.zeros([BLOCK_G], acc)
+    for c0 in range(0, CG, BLOCK_CG):
+        cg = c0 + tl.arange(0, BLOCK_CG)
+        c_ok = g_ok[:, None] & (cg < CG)[None, :]
+        chan = groups[:, None] * CG + cg[None, :]
+        total_a = tl.zeros([BLOCK_G, BLOCK_CG], acc)
+        total_b = tl.zeros([BLOCK_G, BLOCK_CG], acc)
+        for k0 in range(0, splits, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask = (ks < splits)[:, None, None] & c_ok[None, :, :]
+            idx = (n * splits + ks)[:, None, None] * C + chan[None, :, :]
+            total_a += tl.sum(tl.load(part_ptr + idx, mask=mask, other=0.0), 0)
+            total_b += tl.sum(tl.load(part_ptr + part_stride + idx, mask=mask, other=0.0), 0)
+        w = _channel_param(w_ptr, chan, c_ok, HAS_W, 1.0, acc)
+        sum_a += tl.sum(total_a * w, 1)
+        sum_b += tl.sum(total_b * w, 1)
+    tl.store(c1_ptr + n * G + groups, sum_b * inv_count, mask=g_ok)
+    tl.store(c2_ptr + n * G + groups, sum_a * inv_count, mask=g_ok)
+
+
+@triton.jit
+def _bwd_dx_kernel(
+    x_ptr,
+    dy_ptr,
+    dx_ptr,
+    w_ptr,
+    b_ptr,
+    v_ptr,
+    mean_ptr,
+    var_ptr,
+    c1_ptr,
+    c2_ptr,
+    eps,
+    S,
+    C,
+    G,
+    splits,
+    span,
+    stride_n,
+    stat_stride_n,
+    CG: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    GATE: tl.constexpr,
+    CENTER: tl.constexpr,
+    STATS_GRAD: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+):
+    """dx = rstd (dz w h' - c1 - (x - mean) rstd c2); without STATS_GRAD (fixed statistics) dx = rstd dz w h'."""
+    acc: tl.constexpr = mean_ptr.dtype.element_ty
+    row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
+    g_ok = groups < G
+    mean = tl.load(mean_ptr + n * stat_stride_n + groups, mask=g_ok, other=0.0)[None, :, None]
+    rstd = tl.rsqrt(tl.load(var_ptr + n * stat_stride_n + groups, mask=g_ok, other=1.0) + eps)[None, :, None]
+    if STATS_GRAD:
+        c2 = tl.load(c2_ptr + n * G + groups, mask=g_ok, other=0.0)[None, :, None]
+        if CENTER:
+            c1 = tl.load(c1_ptr + n * G + groups, mask=g_ok, other=0.0)[None, :, None]
+    base = n.to(tl.int64) * stride_n
+    for c0 in range(0, CG, BLOCK_CG):
+        cg = c0 + tl.arange(0, BLOCK_CG)
+        c_ok = g_ok[:, None] & (cg < CG)[None, :]
+        chan = groups[:, None] * CG + cg[None, :]
+        w = _channel_param(w_ptr, chan, c_ok, HAS_W, 1.0, acc)[None, :, :]
+        b = _channel_param(b_ptr, chan, c_ok, HAS_B, 0.0, acc)[None, :, :]
+        v = _channel_param(v_ptr, chan, c_ok, GATE, 0.0, acc)[None, :, :]
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = (s < s_hi)[:, None, None] & c_ok[None, :, :]
+            offs = base + _tile_offsets(s, chan, S, C, CHANNELS_LAST)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc)
+            if GATE:
+                sig = tl.sigmoid(v * x)
+                xhat = x * sig * rstd
+            else:
+                xhat = (x - mean) * rstd
+            grad = activation_grad(dy, xhat * w + b, ACT) * w
+            if GATE:
+                grad = grad * (sig + v * x * sig * (1.0 - sig))
+            if STATS_GRAD:
+                grad -= (x - mean) * rstd * c2
+                if CENTER:
+                    grad -= c1
+            tl.store(dx_ptr + offs, (grad * rstd).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- host launchers -----------------------------------------------------------------------------------------------
+
+
+def _config(f, groups: int, device: torch.device) -> Blocks:
+    return blocks(f.n, groups, f.c // groups, f.s, f.channels_last, _sm_count(device))
+
+
+def _forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    v: torch.Tensor | None,
+    mean_in: torch.Tensor | None,
+    var_in: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    center: bool,
+    act: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    f = flat(x)
+    acc = accumulation_dtype(x.dtype)
+    y = torch.empty_like(f.tensor)
+    g, cg = num_groups, f.c // num_groups
+    if mean_in is not None:
+        mean, var = mean_in.to(acc, copy=True).reshape(1, g), var_in.to(acc, copy=True).reshape(1, g)
+    else:
+        mean = torch.full((f.n, g), math.nan, dtype=acc, device=x.device)
+        var = torch.full_like(mean, math.nan)
+    if x.numel() == 0:
+        return y, mean, var
+    cfg = _config(f, g, x.device)
+    grid = (f.n * cfg.splits, triton.cdiv(g, cfg.block_g))
+    tiles = dict(BLOCK_S=cfg.block_s, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, num_warps=cfg.num_warps)
+    layout = dict(CG=cg, CHANNELS_LAST=f.channels_last)
+    rms = not center and v is None
+    if mean_in is None:
+        final = cfg.splits == 1
+        part = None if final else torch.empty((2, f.n * cfg.splits, g), dtype=acc, device=x.device)
+        out_a, out_b = (mean, var) if final else (part[0], part[1])
+        _stats_kernel[grid](
+            f.tensor, out_a, out_b, f.s, f.c, g, cfg.splits, cfg.span, f.stride_n,
+            FINAL=final, RMS=rms, **layout, **tiles,
+        )  # fmt: skip
+        if not final:
+            block_k, block_g, _ = _stage2_blocks(cfg.splits, g, 1)
+            _merge_stats_kernel[(f.n, triton.cdiv(g, block_g))](
+                part[0], part[1], mean, var, f.s, g, cfg.splits, cfg.span,
+                CG=cg, RMS=rms, BLOCK_K=block_k, BLOCK_G=block_g, num_warps=4,
+            )  # fmt: skip
+    _normalize_kernel[grid](
+        f.tensor, y, weight, bias, v, mean, var, eps, f.s, f.c, g, cfg.splits, cfg.span, f.stride_n,
+        g if mean.shape[0] > 1 else 0,
+        HAS_W=weight is not None, HAS_B=bias is not None, GATE=v is not None, ACT=act, **layout, **tiles,
+    )  # fmt: skip
+    return y, mean, var
+
+
+def _backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    v: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    center: bool,
+    act: int,
+    stats_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    f = flat(x)
+    f_dy = flat(dy)
+    if (f_dy.stride_n, f_dy.stride_c, f_dy.stride_s) != (f.stride_n, f.stride_c, f.stride_s):
+        dy = torch.empty_like(f.tensor).copy_(dy)
+    else:
+        dy = f_dy.tensor
+    acc = mean.dtype
+    g, cg = num_groups, f.c // num_groups
+    parts = 2 if v is None else 3
+    dx = torch.empty_like(f.tensor)
+    if x.numel() == 0:
+        return dx, torch.zeros((parts, f.c), dtype=acc, device=x.device)
+    cfg = _config(f, g, x.device)
+    grid = (f.n * cfg.splits, triton.cdiv(g, cfg.block_g))
+    tiles = dict(BLOCK_S=cfg.block_s, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, num_warps=cfg.num_warps)
+    flags = dict(
+        CG=cg, CHANNELS_LAST=f.channels_last, HAS_W=weight is not None, HAS_B=bias is not None, GATE=v is not None
+    )
+    stat_stride = g if mean.shape[0] > 1 else 0
+    part = torch.empty((parts, f.n * cfg.splits, f.c), dtype=acc, device=x.device)
+    _bwd_reduce_kernel[grid](
+        f.tensor, dy, weight, bias, v, mean, var, part, eps, f.s, f.c, g, cfg.splits, cfg.span, f.stride_n,
+        stat_stride, part.stride(0), ACT=act, **flags, **tiles,
+    )  # fmt: skip
+    c1, c2 = mean, var
+    if stats_grad:
+        c1, c2 = torch.empty((f.n, g), dtype=acc, device=x.device), torch.empty((f.n, g), dtype=acc, device=x.device)
+        block_k, block_g, block_cg = _stage2_blocks(cfg.splits, g, cg)
+        _bwd_group_sums_kernel[(f.n, triton.cdiv(g, block_g))](
+            part, weight, c1, c2, part.stride(0), f.c, g, cfg.splits, 1.0 / (cg * f.s),
+            CG=cg, HAS_W=weight is not None, BLOCK_K=block_k, BLOCK_G=block_g, BLOCK_CG=block_cg, num_warps=4,
+        )  # fmt: skip
+    _bwd_dx_kernel[grid](
+        f.tensor, dy, dx, weight, bias, v, mean, var, c1, c2, eps, f.s, f.c, g, cfg.splits, cfg.span, f.stride_n,
+        stat_stride, CENTER=center and v is None, STATS_GRAD=stats_grad, ACT=act, **flags, **tiles,
+    )  # fmt: skip
+    return dx, part.sum(1)
+
+
+# ---- custom ops ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("normlab::group_stats_norm", mutates_args=())
+def _group_stats_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    v: torch.Tensor | None,
+    mean_in: torch.Tensor | None,
+    var_in: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    center: bool,
+    act: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, var): the normalized output and the (N, G) statistics it used ((1, C) given ``mean_in``/``var_in``,
+    which are then the per-channel statistics; x must be NCHW-contiguous or channels-last)."""
+    return _forward(x, weight, bias, v, mean_in, var_in, num_groups, eps, center, act)
+
+
+@_group_stats_norm.register_fake
+def _(x, weight, bias, v, mean_in, var_in, num_groups, eps, center, act):
+    rows = x.shape[0] if mean_in is None else 1
+    stats = x.new_empty((rows, num_groups), dtype=accumulation_dtype(x.dtype))
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("normlab::group_stats_norm_backward", mutates_args=())
+def _group_stats_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    v: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    center: bool,
+    act: int,
+    stats_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, param_grads): param_grads (2 or 3, C) holds the weight, bias (and v) gradients in the statistics dtype."""
+    return _backward(dy, x, weight, bias, v, mean, var, num_groups, eps, center, act, stats_grad)
+
+
+@_group_stats_norm_backward.register_fake
+def _(dy, x, weight, bias, v, mean, var, num_groups, eps, center, act, stats_grad):
+    return torch.empty_like(x), mean.new_empty((2 if v is None else 3, x.shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, v, mean_in, _, num_groups, eps, center, act = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(x, weight, bias, v, mean, var)
+    ctx.args = (num_groups, eps, center, act, mean_in is None)
+
+
+def _param_grad(grad: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor | None:
+    return None if param is None else grad.to(param.dtype)
+
+
+def _autograd_backward(ctx, dy, _dmean, _dvar):
+    x, weight, bias, v, mean, var = ctx.saved_tensors
+    dx, grads = _group_stats_norm_backward(dy, x, weight, bias, v, mean, var, *ctx.args)
+    dv = None if v is None else grads[2].to(v.dtype)
+    return dx, _param_grad(grads[0], weight), _param_grad(grads[1], bias), dv, None, None, None, None, None, None
+
+
+_group_stats_norm.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ---- public functions ---------------------------------------------------------------------------------------------
+
+
+def _check_input(owner: str, x: torch.Tensor) -> None:
+    if x.dim() < 2:
+        raise ValueError(f"{owner}: expected input (N, C, *) with at least 2 dims, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"{owner}: expected a float16, bfloat16, float32 or float64 input, got dtype {x.dtype}")
+    if not x.is_cuda and not _INTERPRET:
+        raise ValueError(
+            f"{owner}: the Triton kernel needs a CUDA input (or TRITON_INTERPRET=1 set before import to run on CPU), "
+            f"got an input on {x.device}"
+        )
+
+
+def _per_channel(owner: str, name: str, p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``p`` as a contiguous (C,) vector, after checking its size and device against ``x``."""
+    if p is None:
+        return None
+    if p.numel() != x.shape[1] or p.device != x.device:
+        raise ValueError(
+            f"{owner}: {name} must hold one value per channel ({x.shape[1]}) on {x.device}, got shape "
+            f"{tuple(p.shape)} on {p.device}"
+        )
+    return p.reshape(-1).contiguous()
+
+
+def _normalize(
+    owner: str,
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    v: torch.Tensor | None,
+    eps: float,
+    center: bool,
+    act: str | None,
+    running: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate the per-channel tensors and run the op; ``running`` = (mean, var) normalizes with given statistics."""
+    code = act_code(owner, act)
+    weight, bias, v = (_per_channel(owner, name, p, x) for name, p in (("weight", weight), ("bias", bias), ("v", v)))
+    mean_in, var_in = (None, None) if running is None else running
+    return _group_stats_norm(flat(x).tensor, weight, bias, v, mean_in, var_in, num_groups, float(eps), center, code)
+
+
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    act: str | None = None,
+) -> torch.Tensor:
+    r"""Group normalization (Wu & He, 2018, arXiv 1803.08494) as fused Triton kernels, optionally followed by an
+    activation: :func:`normlab.functional.group_norm` then ``act``.
+
+    .. math:: y = \mathrm{act}\left(\frac{x - \mathrm{E}_g[x]}{\sqrt{\mathrm{Var}_g[x] + \epsilon}} \gamma_c
+        + \beta_c\right)
+
+    Args:
+        x: input (N, C, *) on CUDA (or CPU under ``TRITON_INTERPRET=1``), float16/bfloat16/float32/float64.
+        num_groups: number of groups; must divide C.
+        weight, bias: optional (C,) affine parameters.
+        eps: added to the variance.
+        act: fused activation, None / "none", "relu" or "silu".
+
+    Raises:
+        ValueError: for fewer than 2 dims, a non-float input, ``num_groups`` not a positive divisor of C, a
+            parameter without C values, an unknown ``act``.
+
+    Note:
+        Training and eval compute the same.
+
+    Example::
+
+        y = group_norm(x.cuda(), 32, weight, bias, act="relu")  # == F.relu(F.group_norm(x, 32, weight, bias))
+    """
+    _check_input("group_norm", x)
+    check_positive_int("group_norm", "num_groups", num_groups)
+    check_divides("group_norm", "num_groups", num_groups, "num_channels", x.shape[1])
+    return _normalize("group_norm", x, num_groups, weight, bias, None, eps, True, act)[0]
+
+
+def instance_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    act: str | None = None,
+) -> torch.Tensor:
+    r"""Instance normalization (Ulyanov et al., 2016, arXiv 1607.08022) as fused Triton kernels, optionally followed
+    by an activation: :func:`normlab.functional.instance_norm` then ``act``.
+
+    .. math:: y = \mathrm{act}\left(\frac{x - \mathrm{E}_{n,c}[x]}{\sqrt{\mathrm{Var}_{n,c}[x] + \epsilon}}
+        \gamma_c + \beta_c\right)
+
+    With ``use_input_stats`` the kernels compute the per-(n, c) statistics, and the running statistics, when given,
+    are updated in place from them exactly as the reference does (batch average of the per-instance mean and
+    unbiased variance). Otherwise the running statistics normalize: a per-channel affine.
+
+    Args:
+        x: input (N, C, *) on CUDA (or CPU under ``TRITON_INTERPRET=1``).
+        running_mean, running_var: (C,) buffers, both or neither.
+        weight, bias: optional (C,) affine parameters.
+        use_input_stats: normalize with (and record) the per-instance statistics.
+        momentum: PyTorch convention, weight of the new batch (Keras' 0.9 is PyTorch's 0.1).
+        eps: added to the variance.
+        act: fused activation, None / "none", "relu" or "silu".
+
+    Raises:
+        ValueError: as the reference (one spatial value with ``use_input_stats``, one running buffer without the
+            other, none without ``use_input_stats``), and for the input and parameter checks of :func:`group_norm`.
+
+    Note:
+        Training (``use_input_stats``) normalizes each instance by its own statistics; eval with running statistics
+        uses those.
+
+    Example::
+
+        y = instance_norm(x.cuda(), running_mean, running_var, use_input_stats=True)
+    """
+    owner = "instance_norm"
+    _check_input(owner, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "instance_norm: running_mean and running_var must both be tensors or both be None, got "
+            f"running_mean={type(running_mean).__name__}, running_var={type(running_var).__name__}"
+        )
+    if use_input_stats:
+        check_spatial_has_values(owner, x)
+    elif running_mean is None:
+        raise ValueError("instance_norm: use_input_stats=False normalizes with running_mean and running_var, got None")
+    if running_mean is not None:
+        _per_channel(owner, "running_mean", running_mean, x)
+        _per_channel(owner, "running_var", running_var, x)
+    running = None if use_input_stats else (running_mean.reshape(-1), running_var.reshape(-1))
+    y, mean, var = _normalize(owner, x, x.shape[1], weight, bias, None, eps, True, act, running)
+    if use_input_stats and running_mean is not None:
+        count = torch.tensor(math.prod(x.shape[2:]), dtype=mean.dtype, device=x.device)
+        update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), count, momentum)
+    return y
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    act: str | None = None,
+) -> torch.Tensor:
+    r"""Layer normalization over C and all positions (Ba, Kiros & Hinton, 2016, arXiv 1607.06450) as fused Triton
+    kernels: group normalization with one group, :func:`normlab.functional.layer_norm` then ``act``.
+
+    .. math:: y = \mathrm{act}\left(\frac{x - \mathrm{E}_n[x]}{\sqrt{\mathrm{Var}_n[x] + \epsilon}} \gamma_c
+        + \beta_c\right)
+
+    Args:
+        x: input (N, C, *) on CUDA (or CPU under ``TRITON_INTERPRET=1``).
+        weight, bias: optional (C,) affine parameters.
+        eps: added to the variance.
+        act: fused activation, None / "none", "relu" or "silu".
+
+    Raises:
+        ValueError: for the input and parameter checks of :func:`group_norm`.
+
+    Note:
+        Training and eval compute the same.
+
+    Example::
+
+        y = layer_norm(x.cuda(), weight, bias)
+    """
+    _check_input("layer_norm", x)
+    return _normalize("layer_norm", x, 1, weight, bias, None, eps, True, act)[0]
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, *, act: str | None = None
+) -> torch.Tensor:
+    r"""RMS normalization over C and all positions (Zhang & Sennrich, 2019, arXiv 1910.07467) as fused Triton
+    kernels: :func:`normlab.functional.rms_norm` then ``act``.
+
+    .. math:: y = \mathrm{act}\left(\frac{x}{\sqrt{\mathrm{E}_n[x^2] + \epsilon}} \gamma_c\right)
+
+    The mean square is accumulated as mean and centered sum of squares (``E[x^2] = Var[x] + E[x]^2``).
+
+    Args:
+        x: input (N, C, *) on CUDA (or CPU under ``TRITON_INTERPRET=1``).
+        weight: optional (C,) scale.
+        eps: added to the mean of squares.
+        act: fused activation, None / "none", "relu" or "silu".
+
+    Raises:
+        ValueError: for the input and parameter checks of :func:`group_norm`.
+
+    Note:
+        Training and eval compute the same.
+
+    Example::
+
+        y = rms_norm(x.cuda(), weight)
+    """
+    _check_input("rms_norm", x)
+    return _normalize("rms_norm", x, 1, weight, None, None, eps, False, act)[0]
+
+
+def evonorm_s0(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    r"""EvoNorm-S0 (Liu, Brock, Simonyan & Le, 2020, arXiv 2004.02967) as fused Triton kernels:
+    :func:`normlab.functional.evonorm_s0`.
+
+    .. math:: y = \frac{x \, \sigma(v x)}{\sqrt{s^2_g + \epsilon}} \gamma + \beta
+
+    With ``v=None`` it is group normalization.
+
+    Args:
+        x: input (N, C, *) with 1 to 3 spatial dimensions, on CUDA (or CPU under ``TRITON_INTERPRET=1``).
+        num_groups: number of channel groups; must divide C.
+        weight, bias: optional (C,) affine parameters.
+        v: optional (C,) nonlinearity parameter; None selects the plain group norm.
+        eps: added to the group variance.
+
+    Raises:
+        ValueError: if ``x`` is not 3D, 4D or 5D, ``num_groups`` is not a positive divisor of C, or for the input and
+            parameter checks of :func:`group_norm`.
+
+    Note:
+        There are no running statistics: training and eval compute the same thing.
+
+    Example::
+
+        y = evonorm_s0(x.cuda(), 8, weight, bias, v)
+    """
+    owner = "evonorm_s0"
+    check_input(owner, x, (3, 4, 5), None)
+    _check_input(owner, x)
+    check_positive_int(owner, "num_groups", num_groups)
+    check_divides(owner, "num_groups", num_groups, "channels", x.shape[1])
+    return _normalize(owner, x, num_groups, weight, bias, v, eps, True, None)[0]

@@ -1,0 +1,126 @@
+"""The dispatch (normlab.kernels): backend choice, the environment variable, and every factory layer through the
+Triton kernels (CPU tensors run through Triton's interpreter here; conftest.py sets TRITON_INTERPRET=1)."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import normlab
+from normlab import functional, kernels
+from normlab.kernels import native
+from tests.helpers import run
+from tests.layers.test_all_layers import SPECS, input_for, make, randomize
+from tests.tolerances import assert_close
+
+triton_ops = pytest.importorskip("normlab.kernels.triton_ops")
+
+
+def test_backends_resolve_to_their_implementations():
+    x = torch.randn(2, 4, 3, 3)
+    assert kernels.resolve("group_norm", x, "reference") is functional.group_norm
+    assert kernels.resolve("group_norm", x, "native") is native.group_norm
+    assert kernels.resolve("group_norm", x, "triton") is triton_ops.group_norm
+    assert kernels.resolve("group_norm", x, "auto") is native.group_norm  # CPU input: no kernel under auto
+    assert kernels.resolve("evonorm_b0", x, "auto") is functional.evonorm_b0  # no native version
+    # an op without a kernel runs as under auto when triton is forced
+    assert kernels.resolve("batch_renorm", x, "triton") is functional.batch_renorm
+    with pytest.raises(ValueError, match="unknown backend .*'tritn'.*Did you mean 'triton'"):
+        kernels.resolve("group_norm", x, "tritn")
+
+
+def test_every_op_with_a_kernel_is_a_functional_op_with_the_same_parameters():
+    import inspect
+
+    assert set(triton_ops.FUSES_ACT) < set(triton_ops.OPS)
+    for op in triton_ops.OPS:
+        ref = inspect.signature(getattr(functional, op)).parameters
+        ours = inspect.signature(getattr(triton_ops, op)).parameters
+        assert list(ref) == [p for p in ours if p != "act"], op
+        assert ("act" in ours) == (op in triton_ops.FUSES_ACT), op
+
+
+def test_auto_takes_the_kernel_for_cuda_inputs_unless_torch_was_measured_faster(monkeypatch):
+    class FakeCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    x = torch.randn(2, 4, 3, 3).as_subclass(FakeCuda)
+    assert kernels.resolve("group_norm", x, "auto") is triton_ops.group_norm
+    monkeypatch.setitem(triton_ops.SLOWER_THAN_TORCH, "group_norm", lambda t: t.shape[0] < 4)
+    assert kernels.resolve("group_norm", x, "auto") is native.group_norm
+    assert kernels.resolve("group_norm", torch.randn(8, 4, 3, 3).as_subclass(FakeCuda), "auto") is (
+        triton_ops.group_norm
+    )
+    assert kernels.resolve("group_norm", x, "triton") is triton_ops.group_norm  # forcing ignores the table
+
+
+def test_environment_variable_sets_the_default_backend():
+    code = (
+        "import normlab.kernels as k, torch; "
+        "print(k.get_backend(), k.resolve('layer_norm2d', torch.zeros(1, 2)).__module__)"
+    )
+    env = {**os.environ, "NORMLAB_BACKEND": "triton", "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["triton", "normlab.kernels.channel_norm"]
+    env["NORMLAB_BACKEND"] = "fast"
+    err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stderr
+    assert "unknown backend (NORMLAB_BACKEND / set_backend) 'fast'" in err
+
+
+def test_forcing_triton_without_triton_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(kernels, "_triton_ops", False)
+    monkeypatch.setattr(kernels, "_triton_error", "Triton is not installed (pip install triton)")
+    with pytest.raises(RuntimeError, match="backend='triton' for 'group_norm': Triton is not installed"):
+        kernels.resolve("group_norm", torch.randn(2, 4, 3), "triton")
+    assert kernels.resolve("group_norm", torch.randn(2, 4, 3), "auto") is native.group_norm
+
+
+def _layer_step(module, x, backend):
+    with kernels.use_backend(backend):
+        out = run(module, x)
+    return out + [b.clone() for b in module.buffers() if b.is_floating_point()]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("training", [True, False])
+def test_every_factory_layer_under_the_triton_backend_matches_the_reference(spec, training):
+    layer = randomize(make(spec)).train(training)
+    ref = copy.deepcopy(layer)
+    x = input_for(layer)
+    if spec in ("online", "online1d", "mabn"):
+        x = x[:2]  # their scans are slow through the interpreter and have no kernel anyway
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xs = x.contiguous(memory_format=layout) if x.dim() == 4 else x
+        assert_close_all(_layer_step(layer, xs, "triton"), _layer_step(ref, xs, "reference"), spec)
+
+
+def assert_close_all(actual, expected, spec):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert_close(a, e, scale=10, msg=spec)
+
+
+@pytest.mark.parametrize("module", [
+    lambda: normlab.GroupNorm(8, num_groups=4),
+    lambda: normlab.BatchNorm2d(8),
+    lambda: normlab.LayerNorm2d(8),
+    lambda: normlab.BatchNormAct2d(8, act="silu"),
+])  # fmt: skip
+def test_layers_on_the_triton_backend_compile_without_graph_breaks(module):
+    layer = randomize(module())
+    ref = copy.deepcopy(layer)
+    x = torch.randn(4, 8, 3, 5)
+    torch._dynamo.reset()
+    with kernels.use_backend("triton"):
+        compiled = torch.compile(layer, fullgraph=True)
+        got = run(compiled, x) + [b.clone() for b in layer.buffers() if b.is_floating_point()]
+        explained = torch._dynamo.explain(copy.deepcopy(ref))(x)
+    assert explained.graph_break_count == 0
+    with kernels.use_backend("reference"):
+        expected = run(ref, x) + [b.clone() for b in ref.buffers() if b.is_floating_point()]
+    assert_close_all(got, expected, type(layer).__name__)
