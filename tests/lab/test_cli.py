@@ -66,3 +66,28 @@ def test_doctor_takes_a_named_dataset(capsys):
     assert "'cifar10' is neither a dataset name (fashion, fashion-seq, mnist1d, mnist1d-seq)" in err
     assert cli.main(argv[:3] + ["fashion", "--data-dir", "/no/such/dir", "--batch-size", "0"]) == 2
     assert "--batch-size=0" in capsys.readouterr().err
+
+
+def test_batch_size_study_under_torchrun_is_data_parallel(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    argv += ["-m", "normlab.lab.cli", "study", "batch-size", "--smoke", "--out", str(out), "--quiet"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(runs) == 4 and all("-w2-" in p.name for p in runs)  # run names carry the world size
+    for run in runs:
+        env = json.loads((run / "env.json").read_text())
+        assert (env["world_size"], env["backend"]) == (2, "gloo")
+    report = (out / "report.md").read_text()
+    assert "Data-parallel over 2 processes (gloo)" in report and "| bn |" in report
+
+
+def test_studies_without_data_parallel_runs_refuse_torchrun(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["study", "online", "--smoke", "--out", str(tmp_path / "x")]) == 2
+    assert "'online' does not run under torchrun (WORLD_SIZE=2); studies that do: batch-size" in capsys.readouterr().err

@@ -114,12 +114,10 @@ def resolve(op: str, x: torch.Tensor, backend: str | None = None) -> Callable:
     if name == "native":
         return getattr(native, op, reference)
     if name == "triton":
-        impl = _triton_impl(op)
-        if impl is not None:
-            return impl
-        if not _triton_ops:
+        if not (_triton_ops if _triton_ops is not None else _load_triton_ops()):
             raise RuntimeError(f"backend='triton' for {op!r}: {_triton_error}")
-        return getattr(native, op, reference)  # an op without a kernel runs as under "auto"
+        impl = _triton_impl(op)
+        return impl if impl is not None else getattr(native, op, reference)  # no kernel: as under "auto"
     if x.is_cuda:
         impl = _triton_impl(op)
         if impl is not None and not _triton_ops.prefers_torch(op, x):

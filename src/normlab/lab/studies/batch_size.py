@@ -54,6 +54,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed as dist
+
 from ...functional._checks import check_positive_int, unknown_name_error
 from ..models import check_norm
 from ..runs import RunStore
@@ -247,26 +249,37 @@ def run(
 ) -> None:
     """Train every run of the study at ``level`` not yet finished in ``out`` (see the module docstring).
 
+    Under ``torchrun`` (a process group initialized, e.g. by :func:`normlab.lab.trainer.init_distributed`) every
+    rank calls this; each run is then data-parallel over the ranks with the protocol's batch size per rank, and
+    rank 0 writes the files.
+
     Raises:
         ValueError: for an unknown level or norm, seeds < 1, or an ``out`` folder holding something else.
         DataNotFoundError: at ``quick`` / ``full`` when Fashion-MNIST is not on disk.
     """
     configs = make_configs(level, norms, seeds)
-    store = RunStore(out, study=NAME)
     protocol = PROTOCOLS[level]
-    write_json(
-        store.root / "protocol.json",
-        {
-            "study": NAME,
-            "level": level,
-            "norms": list(dict.fromkeys(c.norm for c in configs)),
-            "batch_sizes": list(protocol.batch_sizes),
-            "seeds": sorted({c.seed for c in configs}),
-            "runs": [c.name for c in configs],
-        },
-    )
-    result = sweep(configs, store, DataSource(data_dir), quiet=quiet, echo=echo, jobs=jobs)
-    if not quiet:
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    if rank == 0:
+        store = RunStore(out, study=NAME)
+        write_json(
+            store.root / "protocol.json",
+            {
+                "study": NAME,
+                "level": level,
+                "norms": list(dict.fromkeys(c.norm for c in configs)),
+                "batch_sizes": list(protocol.batch_sizes),
+                "seeds": sorted({c.seed for c in configs}),
+                "runs": [c.name for c in configs],
+                "world_size": dist.get_world_size() if distributed else 1,
+            },
+        )
+    if distributed:
+        dist.barrier()  # the store exists before the other ranks open it
+    store = RunStore(out, study=NAME)
+    result = sweep(configs, store, DataSource(data_dir), quiet=quiet or rank > 0, echo=echo, jobs=jobs)
+    if not quiet and rank == 0:
         echo(f"{NAME}: {len(result.trained)} runs trained, {len(result.skipped)} found finished, in {store.root}")
 
 
@@ -279,14 +292,16 @@ def _finished(out) -> tuple[RunStore, str | None, list[tuple[dict, list[dict], d
         raise ValueError(f"{NAME}: {str(out)!r} holds no {NAME} results (no study.json); run the study first")
     store = RunStore(out, study=NAME)
     runs = [(*store.load(name), store.load_env(name)) for name in store.done_runs()]
-    level = None
+    level, world = None, 1
     path = store.root / "protocol.json"
     if path.is_file():
-        level = json.loads(path.read_text()).get("level")
+        written = json.loads(path.read_text())
+        level, world = written.get("level"), written.get("world_size", 1)
     if level in PROTOCOLS:
         protocol = PROTOCOLS[level]
         fixed = protocol.config("none", 1, 0).to_dict()
-        wanted = {k: v for k, v in fixed.items() if k not in ("norm", "batch_size", "seed")}
+        wanted = {k: v for k, v in fixed.items() if k not in ("norm", "batch_size", "seed", "world_size")}
+        wanted["world_size"] = world  # the per-device batch means something else at another world size
         runs = [r for r in runs if all(r[0].get(k) == v for k, v in wanted.items())]
     return store, level, runs
 
@@ -385,6 +400,12 @@ def summarize(out) -> Summary:
             f"Protocol: {p.task} ({_describe_data(p.data)}), model {p.model}, {p.epochs} epochs at every batch size, "
             f"SGD momentum {p.momentum}, weight decay {p.weight_decay}, lr = {p.base_lr} x B / {p.base_batch} with "
             f"{p.warmup_epochs}-epoch linear warm-up then cosine decay (Wu & He 2018)."
+        )
+    world = env.get("world_size", 1) if env else 1
+    if world > 1:
+        notes.append(
+            f"Data-parallel over {world} processes ({env.get('backend')}): the batch size is per process, the lr "
+            f"scales with the global batch (B x {world}); BatchNorm's statistics are each process's own."
         )
     if env:
         notes.append(

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Every GPU check of normlab in one invocation (issue 6): the CUDA tests, `normlab bench kernels` and
+# `normlab bench resnet50 --compile`, each step under its own time limit, all output under $OUT.
+#
+#   bash benchmarks/gpu_all.sh                  # writes ./gpu_out/
+#   OUT=/tmp/x T_RESNET=400 bash benchmarks/gpu_all.sh
+#
+# Needs a CUDA machine with python3, torch, triton, numpy, pytest and hypothesis; installs nothing (normlab runs from
+# src/ through PYTHONPATH, so no network and no pip are needed). A failed or timed-out step does not stop the
+# others; the summary at the end (also $OUT/summary.txt) gives each step's status. Exit status: 0 when every step
+# passed, 1 otherwise. The limits below add up to about 6.5 minutes on an H100. See benchmarks/README.md.
+set -u -o pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+OUT="${OUT:-gpu_out}"
+PY="${PYTHON:-python3}"
+T_GPU_TESTS="${T_GPU_TESTS:-45}"        # pytest -m gpu tests
+T_KERNELS="${T_KERNELS:-150}"           # normlab bench kernels
+T_RESNET="${T_RESNET:-200}"             # normlab bench resnet50 (each torch.compile of the model takes ~45 s)
+KERNELS_COMPILE="${KERNELS_COMPILE:-bf16-cl}"         # bench kernels --compile: all | bf16-cl | none
+RESNET_COMPILE="${RESNET_COMPILE-b64-bf16-cl}"        # configs to compile in; empty: every config
+
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET NORMLAB_BACKEND  # real kernels on the GPU, the default dispatch in the tests
+# the CSVs record the commit; a copy of the repository without .git gets it from the caller
+NORMLAB_GIT_COMMIT="${NORMLAB_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}"
+export NORMLAB_GIT_COMMIT
+
+SUMMARY="$OUT/summary.txt"
+RESULTS=()
+FAILED=0
+
+# step NAME LIMIT_S LOG CMD...: run CMD under `timeout`, append its output to LOG, record its status
+step() {
+    local name=$1 limit=$2 log=$3 start=$SECONDS rc status from
+    shift 3
+    from=$(cat "$log" 2>/dev/null | wc -l)
+    echo "== $name (limit ${limit} s): $*" | tee -a "$log"
+    timeout -k 15 "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+    case $rc in
+        0) status="ok" ;;
+        5) status="no tests collected" ;;  # pytest's code: e.g. no GPU-marked tests yet
+        124 | 137) status="TIMEOUT after ${limit} s" ;;
+        *) status="FAILED (exit $rc)" ;;
+    esac
+    [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || FAILED=1
+    RESULTS+=("$(printf '%-14s %-26s %5d s   %s' "$name" "$status" $((SECONDS - start)) "$(basename "$log")")")
+    echo "== $name: $status ($((SECONDS - start)) s)" | tee -a "$log"
+    if [ "$status" != "ok" ]; then tail -n +"$((from + 1))" "$log" | tail -n 15; fi
+}
+
+{
+    echo "normlab GPU run, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit ${NORMLAB_GIT_COMMIT:-unknown}"
+    nvidia-smi -L 2>&1
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+    "$PY" - <<'EOF' 2>&1
+import platform
+import torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| cudnn", torch.backends.cudnn.version())
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as err:
+    print("triton: not importable:", err)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device 0: {p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
+else:
+    print("CUDA: NOT AVAILABLE (the steps below need it)")
+EOF
+} | tee "$OUT/env.txt"
+
+step gpu-tests "$T_GPU_TESTS" "$OUT/tests.log" "$PY" -m pytest -q -m gpu tests
+step bench-kernels "$T_KERNELS" "$OUT/kernels.log" \
+    "$PY" -m normlab.lab.cli bench kernels --compile "$KERNELS_COMPILE" --out "$OUT/kernels.csv"
+# shellcheck disable=SC2086  # RESNET_COMPILE is a list of config names (or empty: bare --compile)
+step bench-resnet50 "$T_RESNET" "$OUT/resnet50.log" \
+    "$PY" -m normlab.lab.cli bench resnet50 --compile $RESNET_COMPILE --out "$OUT/resnet50.csv"
+
+{
+    cat "$OUT/env.txt"
+    echo
+    echo "step           status                      time     log"
+    printf '%s\n' "${RESULTS[@]}"
+    if [ -f "$OUT/resnet50-targets.csv" ]; then
+        echo
+        echo "ResNet-50 target ratios (config, ratio, value, target, met):"
+        cut -d, -f1,2,5,6,7 "$OUT/resnet50-targets.csv" | tail -n +2
+    fi
+} >"$SUMMARY"
+rm -f "$OUT/env.txt"  # now part of the summary (fewer files to fetch back)
+echo
+cat "$SUMMARY"
+exit "$FAILED"
