@@ -144,3 +144,26 @@ def test_quick_without_fashion_mnist_names_where_it_looked(tmp_path, monkeypatch
     with pytest.raises(DataNotFoundError, match=r"Fashion-MNIST not found"):
         STUDY.run(tmp_path / "out", level="quick", norms=["bn"], quiet=True)
     assert RunStore(tmp_path / "out", study="batch-size").done_runs() == []
+
+
+def test_acceptance_notes_give_each_verdict():
+    from normlab.lab.studies.batch_size import _acceptance_notes
+
+    errors = {
+        "bn": {2: [14.0, 14.5], 32: [11.5, 11.9]},
+        "gn": {2: [12.0], 32: [12.4]},
+        "frn": {2: [14.0], 32: [12.5]},
+        "gn+ws": {2: [11.8], 32: [11.9]},
+    }
+    notes = "\n".join(_acceptance_notes(errors))
+    assert "= +2.55 points (mean over seeds). The literature's effect (at least 2 points worse at batch 2): met" in notes
+    assert "gn: batch 2 minus batch 32 = -0.40 points (within the 1-point band)" in notes
+    assert "frn: batch 2 minus batch 32 = +1.50 points (outside the 1-point band)" in notes
+    assert "Best alternative at batch 2: gn+ws at 11.80% vs BatchNorm at batch 32 11.70% (+0.10 points" in notes
+    assert "at most 0.5 points worse: met" in notes
+    errors["bn"] = {2: [12.0], 32: [11.0]}
+    errors["gn+ws"] = {2: [11.6]}
+    errors["gn"] = {2: [11.7]}
+    notes = "\n".join(_acceptance_notes(errors))
+    assert "+1.00 points (mean over seeds)" in notes and "worse at batch 2): not met" in notes
+    assert "(+0.60 points; stretch goal, at most 0.5 points worse: not met)" in notes
