@@ -94,6 +94,16 @@ def in_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=CHANNELS_LAST[x.dim()]) if channels_last else x
 
 
+def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` as given ("nchw") or channels-last ("channels_last"): channels_last(_3d) for 4-D / 5-D, (N, L, C)
+    storage for 3-D."""
+    if layout == "nchw":
+        return x
+    if x.dim() == 3:
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x.contiguous(memory_format=CHANNELS_LAST[x.dim()])
+
+
 def assert_same_memory_format(y: torch.Tensor, x: torch.Tensor):
     formats = [torch.contiguous_format] + ([CHANNELS_LAST[x.dim()]] if x.dim() in CHANNELS_LAST else [])
     assert [y.is_contiguous(memory_format=f) for f in formats] == [x.is_contiguous(memory_format=f) for f in formats]

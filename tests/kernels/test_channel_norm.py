@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from normlab import functional as reference  # noqa: E402
 from normlab.kernels import channel_norm as kernels  # noqa: E402
-from tests.helpers import CHANNELS_LAST, assert_all_close, forward_backward, grad_like  # noqa: E402
+from tests.helpers import assert_all_close, forward_backward, grad_like, in_layout  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 
 EPS = 1e-5
@@ -30,15 +30,6 @@ OPS = {
 ACTIVATIONS = {None: lambda y: y, "relu": F.relu, "silu": F.silu}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["nchw", "channels_last"]
-
-
-def in_layout(x, layout):
-    """``x`` as given (contiguous) or channels-last: channels_last(_3d) for 4-D / 5-D, (N, L, C) storage for 3-D."""
-    if layout == "nchw":
-        return x
-    if x.dim() == 3:
-        return x.transpose(1, 2).contiguous().transpose(1, 2)
-    return x.contiguous(memory_format=CHANNELS_LAST[x.dim()])
 
 
 def make_x(shape, dtype=torch.float32, layout="nchw", scale=2.0, shift=1.0):

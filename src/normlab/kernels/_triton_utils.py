@@ -15,7 +15,17 @@ import triton.language as tl
 
 from ..functional._checks import unknown_name_error
 
-__all__ = ["ACTIVATIONS", "act_code", "Flat", "flat", "activation", "activation_grad"]
+__all__ = [
+    "ACTIVATIONS",
+    "act_code",
+    "Flat",
+    "flat",
+    "output_like",
+    "same_layout",
+    "vector_arg",
+    "activation",
+    "activation_grad",
+]
 
 ACTIVATIONS = ("none", "relu", "silu")
 """The activations a kernel can fuse after its affine: code 0, 1, 2 in :func:`activation`."""
@@ -71,6 +81,25 @@ def flat(x: torch.Tensor) -> Flat:
         return Flat(x, n, c, s, c * s, 1, c)
     x = x.contiguous()
     return Flat(x, n, c, s, c * s, s, 1)
+
+
+def output_like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialized tensor in the layout the kernels write: that of :func:`flat`'s view of ``x``."""
+    return torch.empty_like(x if x.numel() == 0 else flat(x).tensor)
+
+
+def same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides of ``like`` (a dense tensor of the same shape); copied only when they differ."""
+    if t.stride() == like.stride():
+        return t
+    out = torch.empty_like(like, dtype=t.dtype)
+    out.copy_(t)
+    return out
+
+
+def vector_arg(p: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
+    """A per-channel parameter as the kernels read it (contiguous), or any tensor when it is None (not read then)."""
+    return default if p is None else p.contiguous()
 
 
 @triton.jit

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ..functional._stats import accumulation_dtype
-from ._triton_utils import Flat, act_code, activation, activation_grad, flat
+from ._triton_utils import Flat, act_code, activation, activation_grad, flat, output_like, same_layout, vector_arg
 
 __all__ = ["layer_norm2d", "rms_norm2d"]
 
@@ -330,30 +330,11 @@ def _channel_norm_bwd_kernel(
 # ---- host launchers and custom ops ----------------------------------------------------------------------------
 
 
-def _same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` with the strides of ``like`` (a dense tensor of the same shape); copied only when they differ."""
-    if t.stride() == like.stride():
-        return t
-    out = torch.empty_like(like, dtype=t.dtype)
-    out.copy_(t)
-    return out
-
-
-def _output_like(x: torch.Tensor) -> torch.Tensor:
-    """An uninitialized tensor in the layout the kernels write: that of :func:`flat`'s view of ``x``."""
-    return torch.empty_like(x if x.numel() == 0 else flat(x).tensor)
-
-
 def _fwd_outputs(x: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Uninitialized (y, mean, rstd) of the forward; mean and rstd hold one value per position."""
     positions = math.prod((x.shape[0], *x.shape[2:]))
     acc = accumulation_dtype(x.dtype)
-    return _output_like(x), x.new_empty(positions if center else 0, dtype=acc), x.new_empty(positions, dtype=acc)
-
-
-def _vector_arg(p: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
-    """A per-channel parameter as the kernels read it (contiguous), or any tensor when it is None (not read then)."""
-    return default if p is None else p.contiguous()
+    return output_like(x), x.new_empty(positions if center else 0, dtype=acc), x.new_empty(positions, dtype=acc)
 
 
 def _empty_param_grad(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -373,8 +354,8 @@ def _channel_norm_fwd(
     launch = _launch(f)
     _channel_norm_fwd_kernel[(launch.tiles,)](
         f.tensor,
-        _vector_arg(weight, f.tensor),
-        _vector_arg(bias, f.tensor),
+        vector_arg(weight, f.tensor),
+        vector_arg(bias, f.tensor),
         y,
         mean if center else rstd,
         rstd,
@@ -414,7 +395,7 @@ def _channel_norm_bwd(
     act: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias); a parameter gradient is empty when the parameter is None."""
-    dx = _output_like(x)
+    dx = output_like(x)
     if x.numel() == 0:
         zero = [x.new_zeros(0) if p is None else torch.zeros_like(p) for p in (weight, bias)]
         return dx, zero[0], zero[1]
@@ -426,9 +407,9 @@ def _channel_norm_bwd(
     partial = (torch.empty if single else torch.zeros)((2, programs, f.c), device=x.device, dtype=acc)
     _channel_norm_bwd_kernel[(programs,)](
         f.tensor,
-        _same_layout(dy, f.tensor),
-        _vector_arg(weight, f.tensor),
-        _vector_arg(bias, f.tensor),
+        same_layout(dy, f.tensor),
+        vector_arg(weight, f.tensor),
+        vector_arg(bias, f.tensor),
         mean if center else rstd,
         rstd,
         dx,
@@ -456,7 +437,7 @@ def _channel_norm_bwd(
 
 @_channel_norm_bwd.register_fake
 def _(dy, x, weight, bias, mean, rstd, center, act):
-    return _output_like(x), _empty_param_grad(weight, x), _empty_param_grad(bias, x)
+    return output_like(x), _empty_param_grad(weight, x), _empty_param_grad(bias, x)
 
 
 def _setup_context(ctx, inputs, output):

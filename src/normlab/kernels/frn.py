@@ -51,7 +51,7 @@ import triton.language as tl
 
 from ..functional._checks import check_input
 from ..functional._stats import accumulation_dtype
-from ._triton_utils import Flat, flat
+from ._triton_utils import Flat, flat, output_like, same_layout, vector_arg
 
 __all__ = ["filter_response_norm"]
 
@@ -343,28 +343,9 @@ def _frn_bwd_apply_kernel(
 # ---- host launchers and custom ops ----------------------------------------------------------------------------
 
 
-def _same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` with the strides of ``like`` (a dense tensor of the same shape); copied only when they differ."""
-    if t.stride() == like.stride():
-        return t
-    out = torch.empty_like(like, dtype=t.dtype)
-    out.copy_(t)
-    return out
-
-
-def _output_like(x: torch.Tensor) -> torch.Tensor:
-    """An uninitialized tensor in the layout the kernels write: that of :func:`flat`'s view of ``x``."""
-    return torch.empty_like(x if x.numel() == 0 else flat(x).tensor)
-
-
 def _fwd_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Uninitialized (y, rstd), rstd (N, C) in the accumulation dtype."""
-    return _output_like(x), x.new_empty(x.shape[:2], dtype=accumulation_dtype(x.dtype))
-
-
-def _vector_arg(p: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
-    """A per-channel parameter as the kernels read it (contiguous), or any tensor when it is None (not read then)."""
-    return default if p is None else p.contiguous()
+    return output_like(x), x.new_empty(x.shape[:2], dtype=accumulation_dtype(x.dtype))
 
 
 @torch.library.custom_op("normlab::filter_response_norm_fwd", mutates_args=())
@@ -388,11 +369,11 @@ def _frn_fwd(
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_TAU=tau is not None, ACC=_acc_type(x.dtype))
     blocks = dict(BLOCK_S=launch.block_s, BLOCK_C=launch.block_c, num_warps=launch.num_warps)
     grid = (f.n * launch.c_blocks, launch.split)
-    params = (_vector_arg(weight, rstd), _vector_arg(bias, rstd), _vector_arg(tau, rstd))
+    params = (vector_arg(weight, rstd), vector_arg(bias, rstd), vector_arg(tau, rstd))
     _frn_fwd_kernel[grid](
         f.tensor,
         *params,
-        _vector_arg(learned_eps, rstd),
+        vector_arg(learned_eps, rstd),
         y,
         rstd,
         partial,
@@ -432,7 +413,7 @@ def _frn_bwd(
     rstd: torch.Tensor,
 ) -> list[torch.Tensor]:
     """[dx, dweight, dbias, dtau, dlearned_eps]; the gradient of a None parameter is an empty tensor."""
-    dx = _output_like(x)
+    dx = output_like(x)
     acc = accumulation_dtype(x.dtype)
     f = None if x.numel() == 0 else flat(x)
     if f is None:
@@ -444,8 +425,8 @@ def _frn_bwd(
         flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_TAU=tau is not None, ACC=_acc_type(x.dtype))
         blocks = dict(BLOCK_S=launch.block_s, BLOCK_C=launch.block_c, num_warps=launch.num_warps)
         grid = (f.n * launch.c_blocks, launch.split)
-        dy = _same_layout(dy, f.tensor)
-        params = (_vector_arg(weight, rstd), _vector_arg(bias, rstd), _vector_arg(tau, rstd))
+        dy = same_layout(dy, f.tensor)
+        params = (vector_arg(weight, rstd), vector_arg(bias, rstd), vector_arg(tau, rstd))
         _frn_bwd_kernel[grid](
             f.tensor,
             dy,
@@ -495,7 +476,7 @@ def _frn_bwd(
 
 @_frn_bwd.register_fake
 def _(dy, x, weight, bias, tau, learned_eps, rstd):
-    return [_output_like(x)] + [
+    return [output_like(x)] + [
         x.new_empty(0) if p is None else torch.empty_like(p) for p in (weight, bias, tau, learned_eps)
     ]
 
