@@ -207,3 +207,14 @@ def test_smoke_on_cuda(tmp_path):
         assert (0 < v["norm_share"] < 1) if norm != "none" else v["norm_share"] == 0.0, norm
     (node,) = res["norms"]["bn"]["attributed"]["backward"]  # cuDNN's or the native batch norm
     assert node.endswith("BatchNormBackward0")
+
+
+def test_profiler_chatter_on_stderr_is_dropped_and_other_lines_kept(capfd):
+    import os
+
+    from normlab.lab.studies.speed import _without_profiler_chatter
+
+    with _without_profiler_chatter():
+        os.write(2, b"USDT:2026 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"a real warning\n")
+    assert capfd.readouterr().err == "a real warning\n"

@@ -88,6 +88,8 @@ import json
 import math
 import os
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -480,7 +482,7 @@ def norm_share(bench_or_model, step: Callable[[], object] | None = None, *, step
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with _norm_scopes(model, tuple(norm_classes)) as scopes:
         _sync(device)
-        with profile(activities=activities, profile_memory=not cuda) as prof:
+        with _without_profiler_chatter(), profile(activities=activities, profile_memory=not cuda) as prof:
             for _ in range(steps):
                 with record_function(_STEP_SCOPE):
                     step()
@@ -490,6 +492,25 @@ def norm_share(bench_or_model, step: Callable[[], object] | None = None, *, step
     result["modules"] = scopes.modules
     result["peak_bytes"] = None if cuda else _memory_peak_bytes(prof, DeviceType.CPU)
     return result
+
+
+@contextlib.contextmanager
+def _without_profiler_chatter():
+    """Drop the ``USDT: ... profiler_start/stop`` lines that torch's C++ profiler writes to stderr (file descriptor 2,
+    below Python) at every start and stop; every other line written meanwhile is passed on to stderr afterwards."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(True) if "USDT:" not in line]
+            if kept:
+                sys.stderr.write("".join(kept))
 
 
 # ------------------------------------------------------------------------------------------------- measuring
