@@ -17,6 +17,8 @@ def test_exactly_two_fresh_machine_commands_and_ci_runs_the_second():
     commands = [b.strip() for b in blocks("bash")]
     assert len(commands) == 2
     assert commands[0].endswith("normlab demo")
+    # the demo needs Fashion-MNIST on disk and the lab extra (matplotlib, mnist1d, ...): a bare install fails
+    assert "apt-get install -y dataset-fashion-mnist" in commands[0] and '-e ".[lab]"' in commands[0]
     ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and line[0] not in "#"]
     assert commands[1] in ci_lines
 

@@ -91,3 +91,17 @@ def test_studies_without_data_parallel_runs_refuse_torchrun(tmp_path, monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli.main(["study", "online", "--smoke", "--out", str(tmp_path / "x")]) == 2
     assert "'online' does not run under torchrun (WORLD_SIZE=2); studies that do: batch-size" in capsys.readouterr().err
+
+
+def test_a_missing_optional_package_is_an_error_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from normlab.lab import studies
+
+    def missing(name):
+        raise ImportError('MNIST-1D needs the mnist1d package: pip install "normlab[lab]" (or pip install mnist1d)')
+
+    monkeypatch.setattr(studies, "get_study", missing)
+    assert cli.main(["study", "rnn", "--smoke", "--out", str(tmp_path / "x")]) == 2
+    assert cli.main(["demo", "--smoke", "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert 'normlab study: error: MNIST-1D needs the mnist1d package: pip install "normlab[lab]"' in err
+    assert "normlab demo: error: MNIST-1D needs" in err

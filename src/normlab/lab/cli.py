@@ -21,7 +21,7 @@ def _demo(args: argparse.Namespace) -> int:
         return 0
     try:
         report = run_lab_demo(args.out, level=args.level, quiet=args.quiet, data_dir=args.data_dir, jobs=args.jobs)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"normlab demo: error: {err}", file=sys.stderr)
         return 2
     print(f"\nreport: {report}")
@@ -51,7 +51,7 @@ def _study(args: argparse.Namespace) -> int:
             jobs=args.jobs,
         )
         report = write_report(out, echo=print)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"normlab study: error: {err}", file=sys.stderr)
         return 2
     print(f"\nresults and plots: {out}\nreport: {report}")
@@ -89,7 +89,7 @@ def _study_under_torchrun(args: argparse.Namespace) -> int:
         )
         if info.rank == 0:
             print(f"\nresults and plots: {out}\nreport: {write_report(out, echo=print)}")
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"normlab study: error (rank {info.rank}): {err}", file=sys.stderr)
         return 2
     finally:
@@ -102,7 +102,7 @@ def _report(args: argparse.Namespace) -> int:
 
     try:
         report = write_report(args.run_dir)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"normlab report: error: {err}", file=sys.stderr)
         return 2
     print(f"\nreport: {report}")
