@@ -324,11 +324,12 @@ def test_opcheck():
     mean, var = _stats(3)
     ops = torch.ops.normlab
     # the training op mutates its running statistics: its autograd is a torch.autograd.Function around it
-    torch.library.opcheck(
-        ops.batch_norm_train.default,
-        (x, weight, bias, mean.clone(), var.clone(), 0.1, EPS, 1),
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
-    )
+    for counters in ((None, None), (torch.tensor(2), torch.tensor(0))):  # without and with the NaN guard
+        torch.library.opcheck(
+            ops.batch_norm_train.default,
+            (x, weight, bias, mean.clone(), var.clone(), *counters, 0.1, EPS, 1),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+        )
     leaf, w, b = (t.clone().requires_grad_() for t in (x, weight, bias))
     torch.library.opcheck(ops.batch_norm_affine.default, (leaf, mean, var, w, b, EPS, 2))
     torch.library.opcheck(
@@ -388,7 +389,8 @@ def test_kernels_compile_for_sm90():
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         from normlab.kernels import batch_norm as k
-        x = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "y_ptr": "*bf16", "dx_ptr": "*bf16"}
+        x = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "y_ptr": "*bf16", "dx_ptr": "*bf16", "tracked_ptr": "*i64",
+             "nonfinite_ptr": "*i64"}
         floats = {"eps": "fp32", "momentum": "fp32", "inv_count": "fp32"}
         cases = [
             (k._stats_cl_kernel, dict(ACC=tl.float32, BLOCK_P=64, BLOCK_C=64)),
@@ -402,7 +404,7 @@ def test_kernels_compile_for_sm90():
         for cl in (True, False):
             blocks = dict(BLOCK_A=16, BLOCK_B=256) if cl else dict(BLOCK_A=4, BLOCK_B=1024)
             cases.append((k._normalize_kernel, dict(CHANNELS_LAST=cl, INV_IS_VAR=not cl, HAS_W=cl, HAS_B=cl,
-                                                    ACT=1, ACC=tl.float32, **blocks)))
+                                                    ACT=1, ACC=tl.float32, COMMIT=cl, BLOCK_COMMIT=1024, **blocks)))
             cases.append((k._grad_input_kernel, dict(CHANNELS_LAST=cl, BATCH_STATS=cl, HAS_W=True, HAS_B=cl,
                                                      ACT=2, ACC=tl.float32, **blocks)))
         for fn, constexprs in cases:

@@ -36,11 +36,13 @@ def test_every_op_with_a_kernel_is_a_functional_op_with_the_same_parameters():
     import inspect
 
     assert set(triton_ops.FUSES_ACT) < set(triton_ops.OPS)
+    assert set(triton_ops.FUSES_NAN_GUARD) < set(triton_ops.OPS)
     for op in triton_ops.OPS:
         ref = inspect.signature(getattr(functional, op)).parameters
         ours = inspect.signature(getattr(triton_ops, op)).parameters
-        assert list(ref) == [p for p in ours if p != "act"], op
+        assert list(ref) == [p for p in ours if p not in ("act", "nan_guard")], op
         assert ("act" in ours) == (op in triton_ops.FUSES_ACT), op
+        assert ("nan_guard" in ours) == (op in triton_ops.FUSES_NAN_GUARD), op
 
 
 def test_auto_takes_the_kernel_for_cuda_inputs_unless_torch_was_measured_faster(monkeypatch):
@@ -124,3 +126,17 @@ def test_layers_on_the_triton_backend_compile_without_graph_breaks(module):
     with kernels.use_backend("reference"):
         expected = run(ref, x) + [b.clone() for b in ref.buffers() if b.is_floating_point()]
     assert_close_all(got, expected, type(layer).__name__)
+
+
+def test_compiling_right_after_choosing_triton_does_not_meet_an_import_in_traced_code():
+    # a fresh interpreter, where nothing has loaded the kernels yet: set_backend("triton") loads them
+    code = (
+        "import torch, normlab\n"
+        "normlab.kernels.set_backend('triton')\n"
+        "m = torch.compile(normlab.GroupNorm(8, num_groups=2), fullgraph=True)\n"
+        "print(tuple(m(torch.randn(2, 8, 3, 3)).shape))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "NORMLAB_BACKEND": "auto"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(2, 8, 3, 3)"

@@ -38,6 +38,7 @@ __all__ = [
     "resolve",
     "triton_available",
     "call",
+    "fuses_nan_guard",
 ]
 
 BACKENDS = ("auto", "native", "reference", "triton")
@@ -61,6 +62,8 @@ def set_backend(name: str) -> None:
     """Set the default backend for every dispatched op ("auto", "native", "reference" or "triton")."""
     global _backend
     _backend = _validated(name)
+    if _backend == "triton":
+        _load_triton_ops()  # now, so that a model compiled next does not meet the import inside traced code
 
 
 @contextlib.contextmanager
@@ -143,6 +146,15 @@ def call(op: str, x: torch.Tensor, *args, backend: str | None = None, act: str |
     if _triton_ops and op in _triton_ops.FUSES_ACT and impl is getattr(_triton_ops, op):
         return impl(x, *args, act=act, **kwargs)
     return ACTIVATIONS[act](impl(x, *args, **kwargs))
+
+
+def fuses_nan_guard(op: str, x: torch.Tensor, backend: str | None = None) -> bool:
+    """True when the implementation :func:`resolve` picks for ``op`` and ``x`` takes
+    ``nan_guard=(num_batches_tracked, num_nonfinite_batches)`` and commits a training update of the running
+    statistics only if it is finite, counting the batch, in its own launches (``triton_ops.FUSES_NAN_GUARD``): the
+    batch-norm layers then hand it their counters instead of guarding the update around the call."""
+    impl = resolve(op, x, backend)
+    return bool(_triton_ops) and op in _triton_ops.FUSES_NAN_GUARD and impl is getattr(_triton_ops, op)
 
 
 if _backend == "triton" or (torch.cuda.is_available() and triton_available()):

@@ -20,6 +20,12 @@ Training forward (three launches, two reads of x and one write of y):
    running_mean / running_var in place (unbiased variance, momentum), all in one small launch.
 3. ``_normalize_kernel``: ``y = act((x - mean) * rstd * weight + bias)``, one read of x and one write of y.
 
+With the layers' NaN guard (``nan_guard=(num_batches_tracked, num_nonfinite_batches)``) the merge writes the updated
+running statistics to fresh (C,) tensors instead, and program (0, 0) of the normalizing pass commits them
+(``_commit_if_finite``: a loop over the channels checks that every new variance is finite, then copies them into the
+buffers and increments num_batches_tracked, or leaves them and increments num_nonfinite_batches). The guard thus adds
+no launch and no host synchronization, where cloning the buffers and selecting with torch.where took about ten.
+
 Backward (x and dy read twice, dx written once; only mean and rstd are saved, never a normalized copy of x):
 
 1. ``_grad_sums_cl_kernel`` / ``_grad_sums_nchw_kernel``: the same split, float32 partial sums of dz and dz * xhat
@@ -32,11 +38,12 @@ channel's scale from running_var in the kernel); their backward is one elementwi
 reduction when weight or bias need gradients.
 
 The block sizes and splits are chosen by :func:`_cl_reduce_config`, :func:`_nchw_reduce_config`,
-:func:`_merge_config` and :func:`_elementwise_config` (one place to tune on a GPU).
+:func:`_merge_config`, :func:`_commit_block` and :func:`_elementwise_config` (one place to tune on a GPU).
 
 Custom ops (so torch.compile(fullgraph=True) keeps them opaque and Inductor recomputes nothing from the mutated
-running statistics): ``normlab::batch_norm_train`` (mutates running_mean and running_var; its autograd is a
-torch.autograd.Function around it, since torch.library cannot register autograd for a mutating op),
+running statistics): ``normlab::batch_norm_train`` (mutates running_mean and running_var, and the guard's
+counters; its autograd is a torch.autograd.Function around it, since torch.library cannot register autograd for a
+mutating op),
 ``normlab::batch_norm_affine`` (eval / frozen, autograd registered on the op) and ``normlab::batch_norm_backward``.
 
 Example::
@@ -69,6 +76,8 @@ _MAX_BLOCK_S = 1024
 """Positions per tile along the contiguous dimension in the NCHW reductions and in the elementwise kernels."""
 _TARGET_PROGRAMS = 4 * 132
 """Programs a split reduction aims for: four per SM of an H100."""
+_MAX_BLOCK_COMMIT = 1024
+"""Channels per loop step of the NaN guard's commit, which one program runs over all channels."""
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
@@ -190,11 +199,12 @@ def _stats_nchw_kernel(
 
 @triton.jit
 def _stats_merge_kernel(
-    pcount_ptr, pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, rmean_ptr, rvar_ptr, G, C, momentum, eps,
-    UPDATE: tl.constexpr, ACC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+    pcount_ptr, pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, rmean_ptr, rvar_ptr, new_mean_ptr, new_var_ptr, G, C,
+    momentum, eps, UPDATE: tl.constexpr, ACC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Merge G partials per channel into mean and rstd; with UPDATE, move the running statistics towards the batch's
-    mean and unbiased variance in place."""
+    mean and unbiased variance, storing the result at new_mean / new_var (the running buffers themselves for an
+    update in place)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     n = tl.zeros([BLOCK_C], ACC)
@@ -222,18 +232,49 @@ def _stats_merge_kernel(
         unbiased = var * (n / tl.maximum(n - 1.0, 1.0))
         running_mean = running_mean + momentum * (mean - running_mean)
         running_var = running_var + momentum * (unbiased - running_var)
-        tl.store(rmean_ptr + cols, running_mean.to(rmean_ptr.dtype.element_ty), mask=cmask)
-        tl.store(rvar_ptr + cols, running_var.to(rvar_ptr.dtype.element_ty), mask=cmask)
+        tl.store(new_mean_ptr + cols, running_mean.to(new_mean_ptr.dtype.element_ty), mask=cmask)
+        tl.store(new_var_ptr + cols, running_var.to(new_var_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _commit_if_finite(
+    new_mean_ptr, new_var_ptr, rmean_ptr, rvar_ptr, tracked_ptr, nonfinite_ptr, C, BLOCK: tl.constexpr
+):  # fmt: skip
+    """The NaN guard's commit, run by one program: if every channel's new running variance is finite, copy new_mean
+    and new_var into the running buffers and add 1 to num_batches_tracked; otherwise leave the buffers as they are
+    and add 1 to num_nonfinite_batches."""
+    finite = tl.full([BLOCK], 1, tl.int32)
+    for c0 in range(0, C, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        var = tl.load(new_var_ptr + cols, mask=cols < C, other=0.0)
+        finite = finite & (tl.abs(var) < float("inf")).to(tl.int32)  # false for NaN and +-Inf
+    ok = tl.min(finite, 0)
+    for c0 in range(0, C, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        mask = cols < C * ok  # nothing when ok == 0
+        tl.store(rmean_ptr + cols, tl.load(new_mean_ptr + cols, mask=mask), mask=mask)
+        tl.store(rvar_ptr + cols, tl.load(new_var_ptr + cols, mask=mask), mask=mask)
+    tl.store(tracked_ptr, tl.load(tracked_ptr) + ok.to(tl.int64))
+    tl.store(nonfinite_ptr, tl.load(nonfinite_ptr) + (1 - ok).to(tl.int64))
 
 
 @triton.jit
 def _normalize_kernel(
     x_ptr, y_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, A, B, C, eps,
+    new_mean_ptr, new_var_ptr, rmean_ptr, rvar_ptr, tracked_ptr, nonfinite_ptr,
     CHANNELS_LAST: tl.constexpr, INV_IS_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    COMMIT: tl.constexpr, BLOCK_COMMIT: tl.constexpr,
 ):  # fmt: skip
     """y = act((x - mean) * rstd * weight + bias) over an (A, B) input with B contiguous; the channel is the column
-    (channels_last: B = C) or the row modulo C (NCHW: rows are (n, c), B = S)."""
+    (channels_last: B = C) or the row modulo C (NCHW: rows are (n, c), B = S). With COMMIT, program (0, 0) also
+    runs the NaN guard's commit (``_commit_if_finite``) of the running statistics the merge kernel wrote to
+    new_mean / new_var: the guard costs no launch of its own."""
+    if COMMIT:
+        if tl.program_id(0) + tl.program_id(1) == 0:
+            _commit_if_finite(
+                new_mean_ptr, new_var_ptr, rmean_ptr, rvar_ptr, tracked_ptr, nonfinite_ptr, C, BLOCK_COMMIT
+            )
     rows = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     cols = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = (rows < A)[:, None] & (cols < B)[None, :]
@@ -397,6 +438,11 @@ def _merge_config(groups: int, c: int) -> tuple[tuple[int], dict]:
     return (triton.cdiv(c, block_c),), {"BLOCK_G": block_g, "BLOCK_C": block_c, "num_warps": 4}
 
 
+def _commit_block(c: int) -> int:
+    """Channels per loop step of the guard's single-program commit (``_commit_if_finite``)."""
+    return min(triton.next_power_of_2(c), _MAX_BLOCK_COMMIT)
+
+
 def _elementwise_config(a: int, b: int) -> tuple[tuple[int, int], dict]:
     """Grid and meta-parameters of an elementwise pass over an (A, B) input with B contiguous."""
     block_b = min(triton.next_power_of_2(b), _MAX_BLOCK_S)
@@ -451,18 +497,23 @@ def _launch_stats(f: Flat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return pcount, pmean, pm2
 
 
-def _launch_normalize(x, y, mean, inv, weight, bias, eps: float, act: int, inv_is_var: bool) -> None:
+def _launch_normalize(x, y, mean, inv, weight, bias, eps: float, act: int, inv_is_var: bool, commit=None) -> None:
+    """The normalizing pass; ``commit`` = (new_mean, new_var, running_mean, running_var, num_batches_tracked,
+    num_nonfinite_batches) also runs the NaN guard's commit in it (see ``_commit_if_finite``)."""
     f = flat(x)
     a, b, channels_last = _elementwise_view(f)
     grid, meta = _elementwise_config(a, b)
+    commit_args = commit if commit is not None else (mean,) * 6  # placeholders, unused without COMMIT
     _normalize_kernel[grid](
-        x, y, mean, inv, _channel_tensor(weight, mean), _channel_tensor(bias, mean), a, b, f.c, eps,
+        x, y, mean, inv, _channel_tensor(weight, mean), _channel_tensor(bias, mean), a, b, f.c, eps, *commit_args,
         CHANNELS_LAST=channels_last, INV_IS_VAR=inv_is_var, HAS_W=weight is not None, HAS_B=bias is not None,
-        ACT=act, ACC=_tl_acc(x.dtype), **meta,
+        ACT=act, ACC=_tl_acc(x.dtype), COMMIT=commit is not None, BLOCK_COMMIT=_commit_block(f.c), **meta,
     )  # fmt: skip
 
 
-def _train_forward(x, weight, bias, running_mean, running_var, momentum: float, eps: float, act: int):
+def _train_forward(
+    x, weight, bias, running_mean, running_var, tracked, nonfinite, momentum: float, eps: float, act: int
+):  # fmt: skip
     f = flat(x)
     acc = _acc(x.dtype)
     mean = torch.empty(f.c, dtype=acc, device=x.device)
@@ -471,18 +522,22 @@ def _train_forward(x, weight, bias, running_mean, running_var, momentum: float, 
     if x.numel() == 0:
         return y, mean, rstd
     update = running_mean is not None and running_var is not None
+    guarded = update and tracked is not None
     rmean = running_mean.contiguous() if update else mean
     rvar = running_var.contiguous() if update else rstd
+    # guarded, the merge writes the updated statistics to fresh tensors and the normalizing pass commits them
+    new_mean, new_var = (torch.empty_like(rmean), torch.empty_like(rvar)) if guarded else (rmean, rvar)
     with _device(x):
         pcount, pmean, pm2 = _launch_stats(f)
         grid, meta = _merge_config(pcount.numel(), f.c)
         _stats_merge_kernel[grid](
-            pcount, pmean, pm2, mean, rstd, rmean, rvar, pcount.numel(), f.c, momentum, eps,
+            pcount, pmean, pm2, mean, rstd, rmean, rvar, new_mean, new_var, pcount.numel(), f.c, momentum, eps,
             UPDATE=update, ACC=_tl_acc(x.dtype), **meta,
         )  # fmt: skip
-        _launch_normalize(x, y, mean, rstd, weight, bias, eps, act, inv_is_var=False)
+        commit = (new_mean, new_var, rmean, rvar, tracked, nonfinite) if guarded else None
+        _launch_normalize(x, y, mean, rstd, weight, bias, eps, act, inv_is_var=False, commit=commit)
     if update:
-        # the kernel updated contiguous copies of strided buffers: write them back
+        # the kernels updated contiguous copies of strided buffers: write them back
         for buffer, updated in ((running_mean, rmean), (running_var, rvar)):
             if updated is not buffer:
                 buffer.copy_(updated)
@@ -538,23 +593,32 @@ def _backward(dy, x, mean, inv, weight, bias, eps: float, act: int, batch_stats:
 # ---------------------------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("normlab::batch_norm_train", mutates_args=("running_mean", "running_var"))
+@torch.library.custom_op(
+    "normlab::batch_norm_train",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked", "num_nonfinite_batches"),
+)
 def _batch_norm_train(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    num_nonfinite_batches: torch.Tensor | None,
     momentum: float,
     eps: float,
     act: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, batch mean, batch rstd); running_mean and running_var (when given) are updated in place."""
-    return _train_forward(x, weight, bias, running_mean, running_var, momentum, eps, act)
+    """(y, batch mean, batch rstd); running_mean and running_var (when given) are updated in place. With the two
+    counters (the NaN guard), only if every new running variance is finite: then num_batches_tracked, else
+    num_nonfinite_batches is incremented."""
+    return _train_forward(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, num_nonfinite_batches, momentum, eps, act
+    )
 
 
 @_batch_norm_train.register_fake
-def _(x, weight, bias, running_mean, running_var, momentum, eps, act):
+def _(x, weight, bias, running_mean, running_var, num_batches_tracked, num_nonfinite_batches, momentum, eps, act):
     stat = x.new_empty(x.shape[1], dtype=_acc(x.dtype))
     return torch.empty_like(x), stat, torch.empty_like(stat)
 
@@ -634,8 +698,10 @@ class _BatchNormTrain(torch.autograd.Function):
     (never recomputing them from the updated running statistics)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, act):
-        y, mean, rstd = _batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps, act)
+    def forward(ctx, x, weight, bias, running_mean, running_var, tracked, nonfinite, momentum, eps, act):
+        y, mean, rstd = _batch_norm_train(
+            x, weight, bias, running_mean, running_var, tracked, nonfinite, momentum, eps, act
+        )
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.eps, ctx.act = eps, act
         return y
@@ -646,7 +712,7 @@ class _BatchNormTrain(torch.autograd.Function):
         needs_weight, needs_bias = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         dx, sums = _batch_norm_backward(dy, x, mean, rstd, weight, bias, ctx.eps, ctx.act, True, True)
         dx = dx if ctx.needs_input_grad[0] else None
-        return (dx, *_param_grads(sums, weight, bias, needs_weight, needs_bias), None, None, None, None, None)
+        return (dx, *_param_grads(sums, weight, bias, needs_weight, needs_bias), *(None,) * 7)
 
 
 # ------------------------------------------------------------------------------------------ public functions
@@ -662,6 +728,31 @@ def _check_per_channel(owner: str, x: torch.Tensor, **tensors: torch.Tensor | No
                 f"{owner}: {name} has shape {tuple(t.shape)}, expected ({x.shape[1]},) for an input of shape "
                 f"{tuple(x.shape)}"
             )
+
+
+def _check_nan_guard(x, running_mean, running_var, training: bool, process_group, nan_guard) -> None:
+    """nan_guard is (num_batches_tracked, num_nonfinite_batches) for a fused training update."""
+    if not (training and running_mean is not None and running_var is not None):
+        raise ValueError(
+            f"batch_norm: nan_guard guards a training update of running statistics, got training={training} with "
+            f"running_mean {'None' if running_mean is None else 'given'} and running_var "
+            f"{'None' if running_var is None else 'given'}"
+        )
+    if process_group is not None:
+        raise ValueError(
+            "batch_norm: nan_guard cannot be combined with process_group (which runs the reference): guard the "
+            "update around the call"
+        )
+    if not (isinstance(nan_guard, (tuple, list)) and len(nan_guard) == 2):
+        raise ValueError(
+            f"batch_norm: nan_guard must be (num_batches_tracked, num_nonfinite_batches), got {nan_guard!r}"
+        )
+    for name, t in zip(("num_batches_tracked", "num_nonfinite_batches"), nan_guard):
+        if not (isinstance(t, torch.Tensor) and t.dim() == 0 and t.dtype == torch.int64 and t.device == x.device):
+            got = (
+                f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else repr(t)
+            )
+            raise ValueError(f"batch_norm: nan_guard's {name} must be a 0-dim int64 tensor on {x.device}, got {got}")
 
 
 def _activate(y: torch.Tensor, act: int) -> torch.Tensor:
@@ -684,6 +775,7 @@ def batch_norm(
     *,
     process_group=None,
     act: str | None = None,
+    nan_guard: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     r"""Batch normalization (Ioffe & Szegedy, 2015, arXiv 1502.03167) with fused Triton kernels.
 
@@ -708,11 +800,18 @@ def batch_norm(
         process_group: synchronize the batch statistics over this torch.distributed group. Not fused: the call
             falls back to the reference (and applies ``act`` after it).
         act: fused activation after the affine: None, "relu" or "silu".
+        nan_guard: ``(num_batches_tracked, num_nonfinite_batches)``, 0-dim int64 counters on x's device, for a
+            training update of running statistics (the layers' ``nan_guard=True``): the update is committed only
+            if every channel's new running variance is finite, and then num_batches_tracked is incremented;
+            otherwise the running statistics are left unchanged and num_nonfinite_batches is incremented. Done by
+            one program of the normalizing pass, without a launch or a host synchronization of its own.
 
     Raises:
         ValueError: on an input with fewer than 2 dims, a per-channel tensor whose shape is not (C,), an unknown
-            ``act``, ``momentum=None`` when running statistics would be updated, or (like the reference) a batch
-            with one value per channel when batch statistics are used.
+            ``act``, ``momentum=None`` when running statistics would be updated, (like the reference) a batch
+            with one value per channel when batch statistics are used, or a ``nan_guard`` without a training
+            update of running statistics, with ``process_group``, or whose counters are not 0-dim int64 tensors on
+            x's device.
 
     Note:
         Training (or no running statistics) normalizes with the batch statistics; eval with running statistics is
@@ -725,6 +824,8 @@ def batch_norm(
         y = batch_norm(x, running_mean, running_var, training=True, momentum=0.1)
     """
     code = act_code("batch_norm", act)
+    if nan_guard is not None:
+        _check_nan_guard(x, running_mean, running_var, training, process_group, nan_guard)
     if process_group is not None:
         y = reference.batch_norm(
             x, running_mean, running_var, weight, bias, training, momentum, eps, process_group=process_group
@@ -742,9 +843,9 @@ def batch_norm(
             )
         if not update:
             running_mean = running_var = None
-        return _BatchNormTrain.apply(
-            x, weight, bias, running_mean, running_var, float(momentum) if update else 0.0, float(eps), code
-        )
+        counters = nan_guard if nan_guard is not None else (None, None)
+        momentum = float(momentum) if update else 0.0
+        return _BatchNormTrain.apply(x, weight, bias, running_mean, running_var, *counters, momentum, float(eps), code)
     if running_var is None:
         raise ValueError("batch_norm: running_mean is given but running_var=None; pass both or neither")
     return _batch_norm_affine(x, running_mean, running_var, weight, bias, float(eps), code)

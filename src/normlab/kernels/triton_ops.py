@@ -29,6 +29,7 @@ from .group_norm import evonorm_s0, group_norm, instance_norm, layer_norm, rms_n
 __all__ = [
     "OPS",
     "FUSES_ACT",
+    "FUSES_NAN_GUARD",
     "SLOWER_THAN_TORCH",
     "prefers_torch",
     "batch_norm",
@@ -49,6 +50,11 @@ OPS = tuple(name for name in __all__ if name.islower() and name != "prefers_torc
 FUSES_ACT = frozenset(op for op in OPS if op not in ("evonorm_s0", "filter_response_norm"))
 """The ops whose kernel takes ``act="relu"/"silu"`` and applies it in its last pass (see normlab.kernels.call);
 EvoNorm-S0 and FRN+TLU carry their own nonlinearity."""
+
+FUSES_NAN_GUARD = frozenset({"batch_norm"})
+"""The ops whose kernel takes ``nan_guard=(num_batches_tracked, num_nonfinite_batches)`` and commits a training
+update of the running statistics only if it is finite, counting the batch, within its own launches (see
+normlab.kernels.fuses_nan_guard)."""
 
 SLOWER_THAN_TORCH: dict[str, Callable[[torch.Tensor], bool]] = {}
 """op -> predicate on the input: where it is true, ``auto`` dispatch runs torch's op (or the reference) instead of

@@ -21,6 +21,12 @@ _GUARD_CHECK_EVERY = 64
 class _BatchNorm(RunningStatsNormBase):
     """Shared body of the batch norms. Subclasses (Ghost BN, Batch Renorm) override :meth:`_normalize`."""
 
+    _fused_guard_op: str | None = None
+    """Set by the classes whose :meth:`_normalize` runs this op through ``kernels.call`` and passes on extra keyword
+    arguments. Where the op's implementation fuses the NaN guard (``kernels.fuses_nan_guard``: the Triton batch
+    norm), forward hands it the counters (``nan_guard=``) instead of cloning the buffers and committing the update
+    itself, which costs about ten small launches per layer and step on a GPU."""
+
     def __init__(
         self,
         num_features: int,
@@ -61,8 +67,9 @@ class _BatchNorm(RunningStatsNormBase):
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
 
-    def _normalize(self, x, running_mean, running_var, use_batch_stats: bool, momentum: float, group):
-        """Normalize ``x``; in training, update the given running buffers in place."""
+    def _normalize(self, x, running_mean, running_var, use_batch_stats: bool, momentum: float, group, **kwargs):
+        """Normalize ``x``; in training, update the given running buffers in place. ``kwargs``: ``nan_guard=``, only
+        where ``_fused_guard_op`` is set."""
         return kernels.call(
             "batch_norm",
             x,
@@ -74,7 +81,13 @@ class _BatchNorm(RunningStatsNormBase):
             momentum,
             self.eps,
             process_group=group,
+            **kwargs,
         )
+
+    def _kernel_commits_guard(self, x: torch.Tensor, group) -> bool:
+        """True when the implementation that :meth:`_normalize` runs commits the guarded update itself."""
+        op = self._fused_guard_op
+        return op is not None and group is None and kernels.fuses_nan_guard(op, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -88,6 +101,12 @@ class _BatchNorm(RunningStatsNormBase):
         if self.training and not self.track_running_stats:
             running_mean = running_var = None
         guarded = update and self.nan_guard
+        if guarded and self._kernel_commits_guard(x, group):
+            # the kernel commits the update only if it is finite and counts the batch, without launches of its own
+            counters = (self.num_batches_tracked, self.num_nonfinite_batches)
+            y = self._normalize(x, running_mean, running_var, use_batch_stats, momentum, group, nan_guard=counters)
+            self._check_nonfinite(x)
+            return y
         if guarded:
             # the batch updates copies; the buffers take the result only if it is finite. (Updating the buffers
             # in place and undoing it would break autograd: torch's batch_norm saves them for its backward.)
@@ -121,9 +140,16 @@ class _BatchNorm(RunningStatsNormBase):
             self.running_var.copy_(torch.where(ok, new_var, self.running_var))
             self.num_batches_tracked.add_(ok.long())
             self.num_nonfinite_batches.add_((~ok).long())
-        if not torch.compiler.is_compiling():
-            self._guard_calls += 1
-            if self._guard_calls % _GUARD_CHECK_EVERY == 1 and int(self.num_nonfinite_batches) > 0:
+        self._check_nonfinite(x)
+
+    def _check_nonfinite(self, x: torch.Tensor) -> None:
+        """Warn once if a batch was counted as non-finite: on the CPU right away, on accelerators (where reading the
+        counter synchronizes with the device) every ``_GUARD_CHECK_EVERY`` steps, never while compiling."""
+        if torch.compiler.is_compiling() or self._warned_nonfinite:
+            return
+        self._guard_calls += 1
+        if x.device.type == "cpu" or self._guard_calls % _GUARD_CHECK_EVERY == 1:
+            if int(self.num_nonfinite_batches) > 0:
                 self._warn_nonfinite_once()
 
     def _warn_nonfinite_once(self) -> None:
@@ -195,14 +221,17 @@ _DOC = r"""Batch normalization over a {rank} input, a drop-in replacement for to
 
 class BatchNorm1d(_BatchNorm):
     _input_dims = (2, 3)
+    _fused_guard_op = "batch_norm"
 
 
 class BatchNorm2d(_BatchNorm):
     _input_dims = (4,)
+    _fused_guard_op = "batch_norm"
 
 
 class BatchNorm3d(_BatchNorm):
     _input_dims = (5,)
+    _fused_guard_op = "batch_norm"
 
 
 BatchNorm1d.__doc__ = _DOC.format(

@@ -56,7 +56,7 @@ class BatchNormAct2d(BatchNorm2d):
         super().__init__(num_features, **kwargs)
         self.act = _check_act(type(self).__name__, act)
 
-    def _normalize(self, x, running_mean, running_var, use_batch_stats: bool, momentum: float, group):
+    def _normalize(self, x, running_mean, running_var, use_batch_stats: bool, momentum: float, group, **kwargs):
         return kernels.call(
             "batch_norm",
             x,
@@ -69,6 +69,7 @@ class BatchNormAct2d(BatchNorm2d):
             self.eps,
             process_group=group,
             act=self.act,
+            **kwargs,
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,256 @@
+"""The batch-norm layers' NaN guard fused into the Triton kernels (``batch_norm(..., nan_guard=(tracked, nonfinite))``).
+
+On the Triton path the layer hands the kernel its counters instead of cloning the buffers and committing with
+torch.where: the guarded update must commit exactly what the unguarded path and the reference commit, skip and count
+non-finite batches, warn once, work under torch.compile(fullgraph=True), and issue no op besides the kernel's.
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import normlab
+from normlab import kernels
+from normlab.kernels import batch_norm as bnk
+from normlab.layers.norm_act import BatchNormAct2d
+from tests.helpers import in_format, randomize_weight_and_bias
+from tests.tolerances import assert_close
+
+LAYERS = {
+    "1d": (lambda **kw: normlab.BatchNorm1d(5, **kw), (6, 5), False),
+    "2d": (lambda **kw: normlab.BatchNorm2d(5, **kw), (3, 5, 3, 4), False),
+    "2d-channels-last": (lambda **kw: normlab.BatchNorm2d(5, **kw), (3, 5, 3, 4), True),
+    "3d": (lambda **kw: normlab.BatchNorm3d(5, **kw), (2, 5, 2, 2, 3), False),
+    "act": (lambda **kw: BatchNormAct2d(5, act="silu", **kw), (3, 5, 3, 4), True),
+}
+# finite batches, NaN, +Inf and -Inf in one value, and finite values whose float32 variance overflows to Inf
+SEQUENCE = ("finite", "nan", "finite", "inf", "overflow", "-inf", "finite")
+
+
+@pytest.fixture
+def triton_batch_norm(monkeypatch):
+    """backend="triton" with only the batch-norm kernels (the other ops as under auto), loaded outside traced code."""
+    monkeypatch.setattr(kernels, "_triton_impl", lambda op: getattr(bnk, op, None))
+    with kernels.use_backend("triton"):
+        assert kernels.fuses_nan_guard("batch_norm", torch.empty(2, 3))
+        yield
+
+
+def _batch(shape, kind: str, step: int, channels_last: bool = False, dtype=torch.float32) -> torch.Tensor:
+    x = torch.randn(shape, dtype=torch.float64) * 2 + step
+    first = (0,) * (len(shape) - 2)
+    if kind in ("nan", "inf", "-inf"):
+        x[(1, shape[1] - 1) + first] = float(kind)  # one value, in the last channel
+    elif kind == "overflow":
+        sign = (torch.arange(shape[0]) % 2 * 2 - 1).double().view((-1,) + (1,) * (len(shape) - 2))
+        x[:, 0] = 1e20 * sign
+    return in_format(x.to(dtype), channels_last)
+
+
+def _state(bn):
+    return [t.clone() for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.num_nonfinite_batches)]
+
+
+def _assert_same_state(ours, ref):
+    assert_close(ours.running_mean, ref.running_mean)
+    assert_close(ours.running_var, ref.running_var)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+    assert int(ours.num_nonfinite_batches) == int(ref.num_nonfinite_batches)
+
+
+def _pair(make, **kw):
+    ours, ref = make(**kw), make(**kw)
+    randomize_weight_and_bias(ours)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_guarded_layer_commits_and_skips_like_the_reference(triton_batch_norm, layer, momentum):
+    """Step by step over finite and non-finite batches: the same outputs, running statistics and counters as the
+    same layer on the reference backend (which guards around the call); a skipped batch changes nothing."""
+    make, shape, channels_last = LAYERS[layer]
+    ours, ref = _pair(make, momentum=momentum)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for step, kind in enumerate(SEQUENCE):
+            x = _batch(shape, kind, step, channels_last)
+            before = _state(ours)
+            y = ours(x)
+            with kernels.use_backend("reference"):
+                expected = ref(x)
+            if kind == "finite":
+                assert_close(y, expected)
+            else:
+                assert torch.equal(ours.running_mean, before[0]) and torch.equal(ours.running_var, before[1])
+            _assert_same_state(ours, ref)
+    assert int(ours.num_batches_tracked) == 3 and int(ours.num_nonfinite_batches) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_guarded_kernel_commits_bitwise_what_the_unguarded_kernel_writes(monkeypatch, dtype):
+    """The commit loops over the channels in several blocks: a NaN in the first or the last block skips the whole
+    update; a finite batch commits exactly the unguarded in-place update (also with bfloat16 buffers)."""
+    monkeypatch.setattr(bnk, "_MAX_BLOCK_COMMIT", 4)
+    c = 11
+    assert bnk._commit_block(c) == 4
+    mean, var = torch.randn(c).to(dtype), (torch.rand(c) + 0.5).to(dtype)
+    tracked, nonfinite = torch.tensor(7), torch.tensor(2)
+    for channel in (0, c - 1):
+        x = torch.randn(3, c, 2, 3).to(dtype)
+        x[1, channel, 1, 2] = float("nan")
+        before = mean.clone(), var.clone()
+        bnk.batch_norm(x, mean, var, training=True, momentum=0.3, nan_guard=(tracked, nonfinite))
+        assert torch.equal(mean, before[0]) and torch.equal(var, before[1])
+    assert int(tracked) == 7 and int(nonfinite) == 4
+    x = torch.randn(3, c, 2, 3).to(dtype)
+    unguarded = mean.clone(), var.clone()
+    y_ref = bnk.batch_norm(x, *unguarded, training=True, momentum=0.3)
+    y = bnk.batch_norm(x, mean, var, training=True, momentum=0.3, nan_guard=(tracked, nonfinite))
+    assert torch.equal(y, y_ref)
+    assert torch.equal(mean, unguarded[0]) and torch.equal(var, unguarded[1])
+    assert not torch.equal(var, before[1])
+    assert int(tracked) == 8 and int(nonfinite) == 4
+
+
+def test_nonfinite_batch_warns_once(triton_batch_norm):
+    bn = normlab.BatchNorm2d(3)
+    bn(_batch((4, 3, 2, 2), "finite", 0))
+    before = _state(bn)
+    with pytest.warns(RuntimeWarning, match=r"BatchNorm2d\(3\): a training batch had non-finite statistics"):
+        bn(_batch((4, 3, 2, 2), "nan", 1))
+    with warnings.catch_warnings(record=True) as caught:  # (the interpreter's numpy warns about inf - inf)
+        warnings.simplefilter("always")
+        bn(_batch((4, 3, 2, 2), "inf", 2))
+    assert not [w for w in caught if "non-finite statistics" in str(w.message)]
+    assert all(torch.equal(a, b) for a, b in zip(_state(bn)[:3], before[:3], strict=True))
+    assert int(bn.num_nonfinite_batches) == 2
+    bn(_batch((4, 3, 2, 2), "finite", 3))
+    assert int(bn.num_batches_tracked) == 2 and not torch.equal(bn.running_var, before[1])
+
+
+class _RecordOps(TorchDispatchMode):
+    """The ops dispatched at the top level (a custom op counts once, not the ops inside it)."""
+
+    # views and the CPU warning check's read of num_nonfinite_batches (every 64 steps on accelerators)
+    IGNORED = ("aten.select.", "aten.view.", "aten.detach.", "aten._local_scalar_dense.")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not str(func).startswith(self.IGNORED):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layer", ["2d", "act"])
+def test_guarded_step_runs_only_the_kernel_op(triton_batch_norm, layer):
+    """No clone, sum, isfinite, where, copy_ or add_ around the kernel: the guard costs no launch of its own (the
+    unguarded step adds num_batches_tracked += 1, the guard around the reference clones the buffers)."""
+    make, shape, channels_last = LAYERS[layer]
+    x = _batch(shape, "finite", 0, channels_last)
+    counted = {}
+    for name, backend, guard in [("fused", "triton", True), ("off", "triton", False), ("ref", "reference", True)]:
+        bn = make(nan_guard=guard)
+        with kernels.use_backend(backend), _RecordOps() as record:
+            bn(x)
+        counted[name] = record.ops
+    assert counted["fused"] == ["normlab.batch_norm_train.default"]
+    assert counted["off"] == ["normlab.batch_norm_train.default", "aten.add_.Tensor"]
+    assert "aten.clone.default" in counted["ref"]
+
+
+def test_compiled_fullgraph_matches_eager_and_fuses_the_guard(triton_batch_norm):
+    """torch.compile(fullgraph=True) with Inductor: the forward graph is the one kernel op (no copies, no generated
+    kernels), and the running statistics and counters follow the eager reference over finite and NaN batches."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    ours, ref = _pair(lambda: normlab.BatchNorm2d(4))
+    compiled = torch.compile(ours, fullgraph=True)
+    shape = (3, 4, 3, 3)
+    for step, kind in enumerate(("finite", "nan", "finite", "inf")):
+        x = _batch(shape, kind, step, channels_last=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if step == 0:
+                y, codes = run_and_get_code(compiled, x)  # the forward's code (the backward compiles lazily)
+                code = "\n".join(codes)
+            else:
+                y = compiled(x)
+            with kernels.use_backend("reference"):
+                expected = ref(x)
+        if kind == "finite":
+            assert_close(y, expected)
+        _assert_same_state(ours, ref)
+    assert int(ours.num_batches_tracked) == 2 and int(ours.num_nonfinite_batches) == 2
+    assert code.count("torch.ops.normlab.batch_norm_train.default(") == 1
+    for absent in ("copy_", "where", "clone", "async_compile.cpp", "async_compile.triton("):
+        assert absent not in code, absent
+
+
+def test_bad_nan_guard_raises():
+    x, mean, var = torch.randn(2, 3, 4), torch.zeros(3), torch.ones(3)
+    counters = (torch.tensor(0), torch.tensor(0))
+    with pytest.raises(ValueError, match=r"nan_guard guards a training update .* training=False"):
+        bnk.batch_norm(x, mean, var, training=False, nan_guard=counters)
+    with pytest.raises(ValueError, match=r"nan_guard guards a training update .* running_mean None"):
+        bnk.batch_norm(x, None, None, training=True, nan_guard=counters)
+    with pytest.raises(ValueError, match=r"nan_guard's num_nonfinite_batches must be a 0-dim int64 .* torch.int32"):
+        bnk.batch_norm(x, mean, var, training=True, nan_guard=(counters[0], torch.tensor(0, dtype=torch.int32)))
+    with pytest.raises(ValueError, match=r"nan_guard's num_batches_tracked must be .* shape \(1,\)"):
+        bnk.batch_norm(x, mean, var, training=True, nan_guard=(torch.zeros(1, dtype=torch.long), counters[1]))
+    with pytest.raises(ValueError, match=r"nan_guard must be \(num_batches_tracked, num_nonfinite_batches\)"):
+        bnk.batch_norm(x, mean, var, training=True, nan_guard=counters[0])
+    with pytest.raises(ValueError, match="nan_guard cannot be combined with process_group"):
+        bnk.batch_norm(x, mean, var, training=True, process_group=object(), nan_guard=counters)
+
+
+@pytest.mark.gpu
+def test_cuda_guarded_step_launches_only_the_three_kernels():
+    """On an H100: a guarded training forward launches the stats, merge and normalize kernels and nothing else,
+    commits like the reference, and skips and counts a NaN batch."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    ours, ref = _pair(lambda: normlab.BatchNorm2d(256, device="cuda"))
+    x = torch.randn(8, 256, 14, 14, device="cuda").to(memory_format=torch.channels_last)
+    with kernels.use_backend("triton"):
+        assert kernels.fuses_nan_guard("batch_norm", x)
+        ours(x)  # compiles the kernels; the guard reads its counter on the first step
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ours(x)
+            torch.cuda.synchronize()
+    launched = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    assert len(launched) == 3 and any("_normalize_kernel" in name for name in launched), launched
+    with kernels.use_backend("reference"):
+        ref(x)
+        ref(x)
+    _assert_same_state(ours, ref)
+    bad = x.clone()
+    bad[0, 3, 0, 0] = float("nan")
+    before = _state(ours)
+    with kernels.use_backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ours(bad)
+    assert torch.equal(ours.running_mean, before[0]) and torch.equal(ours.running_var, before[1])
+    assert int(ours.num_batches_tracked) == 2 and int(ours.num_nonfinite_batches) == 1
+
+
+def test_only_the_triton_batch_norm_fuses_the_guard():
+    x = torch.randn(2, 3, 4)
+    assert kernels.fuses_nan_guard("batch_norm", x, "triton")
+    for op, backend in [("batch_norm", "reference"), ("batch_norm", "native"), ("batch_norm", "auto")]:
+        assert not kernels.fuses_nan_guard(op, x, backend), (op, backend)  # CPU input: auto runs torch's op
+    assert not kernels.fuses_nan_guard("frozen_batch_norm", x, "triton")
+    bn = normlab.BatchNorm2d(3)
+    with kernels.use_backend("triton"):
+        assert bn._kernel_commits_guard(torch.randn(2, 3, 2, 2), None)
+        assert not bn._kernel_commits_guard(torch.randn(2, 3, 2, 2), group=object())  # synced: the reference runs
+        assert not normlab.GhostBatchNorm2d(3, virtual_batch_size=2)._kernel_commits_guard(x, None)
