@@ -264,3 +264,24 @@ def test_small_cnn_layers_and_resolution():
         SmallCNN("bn", widths=())
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         SmallCNN("bn")(torch.randn(2, 28, 28))
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn:32"])
+def test_resnet50_fuses_relu_into_normlab_bn_and_gn_with_the_same_outputs(norm):
+    from normlab.lab.models import ResNet50
+
+    torch.manual_seed(0)
+    plain = ResNet50(norm, num_classes=10, fuse_act=False)
+    fused = ResNet50(norm, num_classes=10)
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    fused.load_state_dict(plain.state_dict())
+    act_norms = [m for m in fused.modules() if isinstance(m, (normlab.BatchNormAct2d, normlab.GroupNormAct))]
+    assert len(act_norms) == 33 and all(m.act == "relu" for m in act_norms)  # stem + 2 per bottleneck
+    assert not any(isinstance(m, (normlab.BatchNormAct2d, normlab.GroupNormAct)) for m in plain.modules())
+    x = torch.randn(2, 3, 32, 32)
+    for training in (True, False):
+        plain.train(training)
+        fused.train(training)
+        torch.testing.assert_close(fused(x), plain(x))
+    torch_bn = ResNet50(nn.BatchNorm2d, num_classes=10)
+    assert not any(isinstance(m, normlab.BatchNormAct2d) for m in torch_bn.modules())
