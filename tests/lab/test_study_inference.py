@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 import normlab
-from normlab.lab.models import SmallResNet
+from normlab.lab.models import SmallCNN, SmallResNet
 from normlab.lab.runs import RunStore
 from normlab.lab.studies import get_study
-from normlab.lab.studies.inference import TEST_BATCH_SIZES, evaluate_model, fold_children
+from normlab.lab.studies.inference import TEST_BATCH_SIZES, evaluate_model
 
 STUDY = get_study("inference")
 
@@ -100,9 +100,10 @@ def test_second_run_trains_and_evaluates_nothing(smoke_dir, monkeypatch, tmp_pat
     assert len(STUDY.summarize(out).rows) == 4
 
 
-def test_fold_children_folds_every_batch_norm_of_small_resnet():
+@pytest.mark.parametrize("model_class", [SmallResNet, SmallCNN])
+def test_fold_bn_folds_every_batch_norm_of_the_lab_models(model_class):
     torch.manual_seed(0)
-    model = SmallResNet("bn", widths=(4, 8, 8)).eval()
+    model = model_class("bn", widths=(4, 8, 8)).eval()
     for m in model.modules():  # non-trivial statistics, so that folding changes the weights
         if isinstance(m, normlab.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
@@ -110,10 +111,9 @@ def test_fold_children_folds_every_batch_norm_of_small_resnet():
     x = torch.randn(3, 1, 28, 28)
     expected = model(x)
     bns = {name for name, m in model.named_modules() if isinstance(m, normlab.BatchNorm2d)}
-    assert len(bns) == 9  # stem, 2 per block, 2 shortcuts
-    _, whole = normlab.fold_bn(copy.deepcopy(model))
-    assert len(whole.changed) < len(bns)  # the model's input check does not trace, hence fold_children
-    folded, report = fold_children(copy.deepcopy(model))
+    assert len(bns) == (9 if model_class is SmallResNet else 3)  # stem, 2 per block, 2 shortcuts
+    folded, report = normlab.fold_bn(copy.deepcopy(model))  # the forward's input check does not trace
+    assert "does not trace" in report.notes[0]
     assert {c.name for c in report.changed} == bns and report.skipped == []
     assert not any(isinstance(m, normlab.BatchNorm2d) for m in folded.modules())
     torch.testing.assert_close(folded(x), expected, atol=1e-5, rtol=1e-5)

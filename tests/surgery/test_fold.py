@@ -295,12 +295,72 @@ def test_include_exclude():
     assert_close(model(x), expected)
 
 
-def test_untraceable_model_uses_sequential_adjacency():
+def test_untraceable_model_folds_the_pairs_inside_its_traceable_parts():
     model = _prepared("untraceable")
     _, report = fold_bn(model)
     assert [c.name for c in report.changed] == ["body.1", "body.4"]
-    assert report.skipped[0].reason == "untraceable model and not preceded by a conv or linear in an nn.Sequential"
-    assert "TraceError" in report.notes[0] and "nn.Sequential adjacency only" in report.notes[0]
+    assert report.skipped[0].reason == (
+        "its forward does not trace with torch.fx, nor does a submodule that holds it and the layer before it"
+    )
+    assert "TraceError" in report.notes[0] and "submodules that trace" in report.notes[0]
+
+
+class _Checked(nn.Module):
+    """A model whose forward validates its input in Python (untraceable), around blocks that trace, one of which does
+    not trace either but holds a Sequential and a traceable block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.Sequential(nn.BatchNorm2d(4), nn.ReLU()))
+        self.inner = _Inner()
+        self.head = nn.Conv2d(4, 4, 1)
+        self.head_bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.shape[1] != 3:
+            raise ValueError("3 channels")
+        return self.head_bn(self.head(self.inner(self.stem(x))))
+
+
+class _Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent: does not trace
+            return x
+        return self.block(self.seq(x))
+
+
+def _randomized_eval(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def test_untraceable_models_are_traced_part_by_part():
+    model = _randomized_eval(_Checked())
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    folded, report = fold_bn(model)
+    assert sorted(c.name for c in report.changed) == ["inner.block.1", "inner.seq.1", "stem.1.0"]
+    assert [s.name for s in report.skipped] == ["head_bn"]  # its pair is split by the untraced root forward
+    assert_close(folded(x), expected)
+
+
+def test_part_by_part_refuses_a_layer_registered_twice():
+    model = _randomized_eval(_Checked())
+    model.alias = model.inner.seq[0]  # the untraced root could call it directly
+    _, report = fold_bn(model)
+    assert "inner.seq.1" not in [c.name for c in report.changed]
+    assert "registered under several names" in {s.name: s.reason for s in report.skipped}["inner.seq.1"]
 
 
 def test_root_batch_norm_is_skipped():

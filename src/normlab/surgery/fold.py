@@ -173,27 +173,45 @@ def _pairs_from_graph(model: nn.Module, graph: fx.Graph, candidates: dict[int, s
     return found, {**unreached, **reasons}
 
 
-def _pairs_from_sequentials(
-    model: nn.Module, candidates: dict[int, str], names: dict[int, list[str]]
+def _pairs_by_parts(
+    module: nn.Module, prefix: str, candidates: dict[int, str], names: dict[int, list[str]]
 ) -> tuple[dict, dict]:
-    """({id(bn): name of the conv/linear before it in an nn.Sequential}, {id(bn): why it has none})."""
+    """For a ``module`` whose own forward does not trace: ({id(bn): name of the conv/linear it folds into},
+    {id(bn): why it has none}) from tracing each child that holds candidates (recursively where a child does not
+    trace either), plus nn.Sequential adjacency among the direct children of a plain nn.Sequential."""
     found: dict[int, str] = {}
-    reasons = {i: "untraceable model and not preceded by a conv or linear in an nn.Sequential" for i in candidates}
-    for seq_name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
-            continue
-        children = list(seq.named_children())
+    reasons = {
+        i: "its forward does not trace with torch.fx, nor does a submodule that holds it and the layer before it"
+        for i in candidates
+    }
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        children = list(module.named_children())
         for (layer_name, layer), (_, bn) in zip(children, children[1:]):
-            if id(bn) not in candidates or not isinstance(layer, _FOLDABLE):
-                continue
-            qualified = f"{seq_name}.{layer_name}" if seq_name else layer_name
-            if len(names[id(layer)]) > 1 or len(names[id(bn)]) > 1:
-                reasons[id(bn)] = (
-                    f"{qualified} or the batch norm is registered under several names and may be used elsewhere "
-                    "(untraceable model: cannot check)"
-                )
-            else:
-                found[id(bn)] = qualified
+            if id(bn) in candidates and isinstance(layer, _FOLDABLE):
+                found[id(bn)] = prefix + layer_name
+    for child_name, child in module.named_children():
+        qualified = prefix + child_name
+        inside = {i: n for i, n in candidates.items() if n.startswith(qualified + ".") and i not in found}
+        if not inside or id(child) in candidates:
+            continue
+        try:
+            graph = _PairTracer().trace(child)
+        except Exception:  # user code that does not trace: look inside
+            sub_found, sub_reasons = _pairs_by_parts(child, qualified + ".", inside, names)
+        else:
+            sub_found, sub_reasons = _pairs_from_graph(child, graph, inside)
+            sub_found = {i: f"{qualified}.{target}" for i, target in sub_found.items()}
+        found.update(sub_found)
+        reasons.update(sub_reasons)
+    # the untraced code around the traced parts may use a layer or a norm through another name: refuse those
+    for bn_id, layer_name in list(found.items()):
+        layer_id = id(module.get_submodule(layer_name[len(prefix) :]))
+        if len(names[layer_id]) > 1 or len(names[bn_id]) > 1:
+            reasons[bn_id] = (
+                f"{layer_name} or the batch norm is registered under several names and may be used elsewhere "
+                "(the model's forward does not trace: cannot check)"
+            )
+            del found[bn_id]
     return found, {i: r for i, r in reasons.items() if i not in found}
 
 
@@ -254,9 +272,12 @@ def fold_bn(model: nn.Module, *, include=None, exclude=None) -> tuple[nn.Module,
 
     Pairs are found by torch.fx symbolic tracing (norms, convolutions and linear layers kept as leaves); a batch
     norm is folded only when its single input is the output of a conv/linear module, that output feeds nothing
-    else, and neither module is called twice. When the model does not trace (data-dependent control flow, ...),
-    pairs are taken from nn.Sequential adjacency instead, and the report notes the fallback. Linear -> BatchNorm1d
-    assumes (N, C) activations, the case in which BatchNorm1d's channels are the Linear's outputs.
+    else, and neither module is called twice. When the model's own forward does not trace (data-dependent control
+    flow, input checks, ...), each submodule is traced instead (recursively, where one does not trace either), plus
+    nn.Sequential adjacency, and the report notes the fallback: pairs inside a part that traces are folded, a pair
+    split across untraced code is not; a layer or norm registered under several names is then refused, since the
+    untraced code could use it elsewhere. Linear -> BatchNorm1d assumes (N, C) activations, the case in which
+    BatchNorm1d's channels are the Linear's outputs.
 
     Every batch norm not folded is reported with the reason: no preceding conv or linear, output used elsewhere,
     untraceable and not in an nn.Sequential, track_running_stats=False, a layer that transforms its weight in
@@ -307,12 +328,12 @@ def fold_bn(model: nn.Module, *, include=None, exclude=None) -> tuple[nn.Module,
         return model, report
     try:
         graph = _PairTracer().trace(model)
-    except Exception as e:  # user code that does not trace, for whatever reason: use the fallback
-        found, reasons = _pairs_from_sequentials(model, candidates, names)
+    except Exception as e:  # user code that does not trace, for whatever reason: trace its parts
+        found, reasons = _pairs_by_parts(model, "", candidates, names)
         first_line = (str(e).splitlines() or [""])[0][:200]
         report.notes.append(
-            f"the model does not trace with torch.fx ({type(e).__name__}: {first_line}); pairs taken from "
-            "nn.Sequential adjacency only"
+            f"the model does not trace with torch.fx ({type(e).__name__}: {first_line}); pairs taken from the "
+            "submodules that trace (and nn.Sequential adjacency)"
         )
     else:
         found, reasons = _pairs_from_graph(model, graph, candidates)

@@ -18,10 +18,8 @@ one model per norm at per-device batch 32 and one at batch 4 (the small-batch re
 
 Recalibration and folding apply to the norms they know (BatchNorm, Batch Renorm, ...: whatever their reports
 change); for the others the study records "n/a" and reports the latency as is. The lab's models check their input
-shape in ``forward``, which torch.fx cannot trace, so after folding the whole model (fold_bn then pairs layers by
-nn.Sequential adjacency only) the study folds each top-level child too (the stem and the residual stages of
-:class:`~normlab.lab.models.SmallResNet` trace); see :func:`fold_children`. The summary says how many batch norms
-were folded.
+shape in ``forward``, which torch.fx cannot trace; fold_bn then traces their parts (the feature stack, the stem, the
+residual stages), so every batch norm is folded. The summary says how many batch norms were folded.
 
 Training: the protocol of the ``batch-size`` study at the same level (:data:`normlab.lab.studies.batch_size.
 PROTOCOLS`: Group Normalization paper's linear learning-rate scaling, same epochs for both batch sizes), with
@@ -53,7 +51,7 @@ import copy
 import json
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,7 +66,7 @@ from . import Study, Summary
 from .batch_size import PROTOCOLS as TRAINING_PROTOCOLS
 from .batch_size import DataSource, check_level, check_norms, check_seeds, format_mean_std, write_json
 
-__all__ = ["STUDY", "TRAIN_BATCH_SIZES", "TEST_BATCH_SIZES", "EVALUATION", "evaluate_model", "fold_children"]
+__all__ = ["STUDY", "TRAIN_BATCH_SIZES", "TEST_BATCH_SIZES", "EVALUATION", "evaluate_model"]
 
 NAME = "inference"
 
@@ -130,25 +128,6 @@ def _errors(model: nn.Module, x, y, *, train_mode: bool) -> tuple[dict[str, floa
     return errors, logits
 
 
-def fold_children(model: nn.Module) -> tuple[nn.Module, SurgeryReport]:
-    """:func:`normlab.fold_bn` on ``model``, then on each of its top-level children (in place), with one report.
-
-    For models whose own ``forward`` does not trace with torch.fx (the lab's models validate their input) while
-    their children do: fold_bn then falls back to nn.Sequential adjacency for the whole model, and the second pass
-    folds the pairs inside each child. A batch norm whose preceding layer sits in another child stays unfolded, and
-    is reported with the whole-model pass's reason.
-    """
-    model, first = fold_bn(model)
-    report = SurgeryReport("fold_bn", changed=list(first.changed), notes=list(first.notes))
-    for name, child in list(model.named_children()):
-        _, child_report = fold_bn(child)
-        report.changed += [replace(c, name=f"{name}.{c.name}") for c in child_report.changed]
-        report.notes += [f"{name}: {n}" for n in child_report.notes]
-    folded = {c.name for c in report.changed}
-    report.skipped = [s for s in first.skipped if s.name not in folded]
-    return model, report
-
-
 @torch.no_grad()
 def _latency_ms(model: nn.Module, x1: torch.Tensor, repeats: int) -> float:
     """Median wall time (ms) of ``model(x1)`` in eval mode over ``repeats`` calls, after 3 warm-up calls."""
@@ -199,7 +178,7 @@ def evaluate_model(
 
     x1 = x[:1]
     before = _latency_ms(model, x1, latency_repeats)
-    folded, fold_report = fold_children(copy.deepcopy(model))
+    folded, fold_report = fold_bn(copy.deepcopy(model))
     fold = {**_report_dict(fold_report), "max_abs_logit_diff": None, "equal_to_eval": None}
     folded_errors, after = None, None
     if fold_report.changed:
