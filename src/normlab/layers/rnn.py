@@ -21,12 +21,31 @@ against recurrence; the carried cell state itself stays unnormalized, so the LST
                  the initial transient with the steady state (kept on purpose, so its failure can be measured); gamma
                  initialised to 0.1 as for ``"bn_step"``, so the two differ only in how statistics are kept.
 ``"online"``     normlab.layers.OnlineNorm1d (Chiley et al., 2019, "Online Normalization", arXiv 1905.05894): running
-                 estimates instead of batch statistics, so batch size 1 works; called at every step.
+                 estimates instead of batch statistics, so batch size 1 works; called at every step. LSTM: the
+                 authors' arrangement (below), not the per-site one of the other norms. GRU: per site (ih, hh), with
+                 OnlineNorm1d's defaults and layer scaling over the 3H features of a site.
 ===============  ====================================================================================================
 
-The batch norms are per feature, so normalizing the 4H/3H features of a site at once equals normalizing each gate;
-OnlineNorm1d's statistics are per feature too, but its layer scaling divides by the RMS over all of a site's
-features (4H/3H, or H for the cell state).
+The batch norms are per feature, so normalizing the 4H/3H features of a site at once equals normalizing each gate.
+
+Online Normalization in the LSTM follows the authors' PTB language model (Cerebras ``online-normalization``,
+``experiments/recurrent/model/lstm.py`` and the LSTM command of its README): ONE OnlineNorm1d over the whole
+pre-activation :math:`W_{ih} x_t + W_{hh} h_{t-1}` of each gate (per-feature statistics, so per gate), layer scaling
+over the H features of each gate, no norm on the cell state, and the decays they used for the LSTM,
+``alpha_fwd = 8191/8192``, ``alpha_bkw = 31/32``. The submodule is ``norm_gates``; ``norm_ih``, ``norm_hh`` and
+``norm_c`` are None. The per-site arrangement of the other norms (two projections and the cell state normalized
+separately, decays 0.999/0.99) is unstable with Online Normalization's backward pass: its control process subtracts
+running averages of the gradient, a correction that does not come from the loss, and in a recurrence that
+correction re-enters the same layer's gradient stream at earlier time steps (through :math:`W_{hh}` and, worst,
+through the cell state's additive path). Its accumulators then grow by one to two orders of magnitude per training
+step: the global gradient norm of a 2-layer LSTM (hidden 32, 40 steps, batch 64, random data) went from 2e3 to 1e11
+in 6 SGD steps (and on to inf), while with the plain derivative of the same forward pass it stayed at 1e2-1e3; with
+the authors' arrangement it peaks at 3e1-8e3 (three seeds) within the first 10 steps, then falls to 1e0-1e1. In the
+lab's ``rnn`` study (quick) the first epoch's mean gradient norm before clipping fell from 4e7 to 3e3 and test
+accuracy rose from 13% to 25%. What remains is early-training behaviour of the method itself: while the forward
+estimates are still far from the data (they start at mean 0, variance 1) the control process still amplifies the
+gradient for a few steps (there up to 4e4, versus 40 with the plain derivative of the same forward pass, and 2e2
+once the statistics are warmed up), then it settles to the other norms' scale; clip gradients.
 """
 
 from __future__ import annotations
@@ -39,6 +58,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..functional._checks import check_positive_int, unknown_name_error
+from ..functional._stats import accumulation_dtype
+from ..functional.online_norm import layer_scale
 from ..functional.recurrent_batch_norm import check_step
 from .batch_norm import BatchNorm1d
 from .layer_norm import LayerNorm
@@ -77,12 +98,51 @@ class _ChunkedLayerNorm(nn.Module):
         return f"sizes={self.sizes}"
 
 
-def _online_norm(num_features: int, device, dtype) -> nn.Module:
+def _online_norm_class() -> type[nn.Module]:
     try:
         from .online_norm import OnlineNorm1d
     except ImportError as e:  # another part of normlab; imported lazily so that this module never depends on it
         raise ImportError("norm='online' needs normlab.layers.online_norm.OnlineNorm1d, which is not available") from e
-    return OnlineNorm1d(num_features, device=device, dtype=dtype)
+    return OnlineNorm1d
+
+
+def _online_norm(num_features: int, device, dtype) -> nn.Module:
+    return _online_norm_class()(num_features, device=device, dtype=dtype)
+
+
+# the decays of the Online Normalization authors' LSTM language model (their README's LSTM command:
+# --afwd 0.9998779297 --abkw 0.96875)
+ONLINE_LSTM_ALPHA_FWD = 8191 / 8192
+ONLINE_LSTM_ALPHA_BKW = 31 / 32
+
+
+class _OnlineGateNorm(nn.Module):
+    """The Online Normalization authors' LSTM norm: OnlineNorm1d over all G * H features of the summed
+    pre-activation (per-feature statistics), then layer scaling separately over each gate's H features.
+
+    The authors use one OnlineNorm1d(H) per gate, each with its own layer scaling; since the statistics and the
+    control process are per feature, one module over G * H features with layer scaling per gate computes the same.
+    """
+
+    def __init__(self, num_gates: int, hidden_size: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_gates, self.hidden_size = num_gates, hidden_size
+        self.online = _online_norm_class()(
+            num_gates * hidden_size,
+            alpha_fwd=ONLINE_LSTM_ALPHA_FWD,
+            alpha_bkw=ONLINE_LSTM_ALPHA_BKW,
+            layer_scaling=False,
+            device=device,
+            dtype=dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.online(x)
+        per_gate = h.reshape(-1, self.hidden_size).to(accumulation_dtype(h.dtype))
+        return layer_scale(per_gate, self.online.eps).to(h.dtype).view_as(h)
+
+    def extra_repr(self) -> str:
+        return f"num_gates={self.num_gates}, hidden_size={self.hidden_size}, layer scaling per gate"
 
 
 def _build_norm(
@@ -131,11 +191,23 @@ def _input_side(x, weight_ih, bias, norm_ih, step) -> torch.Tensor:
 
 def _lstm_step(gi, h, c, weight_hh_t, norm_hh, norm_c, step):
     """One LSTM step from ``gi`` = the input side of the pre-activation with both biases already added."""
-    hs = h.shape[-1]
     if norm_hh is None:
         gates = torch.addmm(gi, h, weight_hh_t)
     else:
         gates = gi + _normalize(norm_hh, h.mm(weight_hh_t), step)
+    return _lstm_update(gates, c, norm_c, step)
+
+
+def _lstm_step_joint(projected, h, c, weight_hh_t, norm_gates, bias):
+    """One LSTM step with one norm over the whole pre-activation ``W_ih x + W_hh h`` (``projected`` = ``W_ih x``),
+    the biases added after it: Online Normalization's arrangement."""
+    gates = _add(norm_gates(torch.addmm(projected, h, weight_hh_t)), bias)
+    return _lstm_update(gates, c, None, 0)
+
+
+def _lstm_update(gates, c, norm_c, step):
+    """(h, c) of an LSTM step from its (N, 4H) pre-activation ``gates``."""
+    hs = c.shape[-1]
     i, f, _, o = torch.sigmoid(gates).chunk(4, 1)  # one sigmoid over all gates beats three (g's quarter is unused)
     g = torch.tanh(gates[:, 2 * hs : 3 * hs])
     c = torch.addcmul(f * c, i, g)
@@ -176,6 +248,7 @@ class _NormCellBase(nn.Module):
 
     _num_gates: int
     _torch_class: type[nn.Module]
+    _joint_online = False  # norm="online" is one norm over the summed pre-activation (``norm_gates``)
 
     def __init__(self, input_size, hidden_size, bias, norm, max_steps, device, dtype) -> None:
         super().__init__()
@@ -196,10 +269,15 @@ class _NormCellBase(nn.Module):
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
         self.reset_parameters()
+        if self._joint_online and self.norm == "online":
+            self.norm_ih = self.norm_hh = None
+            self.norm_gates = _OnlineGateNorm(self._num_gates, self.hidden_size, **factory)
+            return
         chunks = self._ln_chunks()
         build = lambda c, ch: _build_norm(norm, c, max_steps=self.max_steps, ln_chunks=ch, **factory)
         self.norm_ih = build(gh, chunks)
         self.norm_hh = build(gh, chunks)
+        self.norm_gates = None
 
     def _ln_chunks(self) -> tuple[int, ...] | None:
         return None
@@ -279,6 +357,17 @@ class NormLSTMCell(_NormCellBase):
     order (i, f, g, o) and initialisation, so a torch.nn.LSTMCell's state_dict loads (see :meth:`from_torch`). The
     norms are submodules ``norm_ih``, ``norm_hh``, ``norm_c`` (None for ``"none"``).
 
+    With ``norm="online"`` the cell is the Online Normalization authors' LSTM instead (see :mod:`normlab.layers.rnn`):
+
+    .. math::
+        (i, f, g, o) = \mathrm{LS}_{gate}(\mathrm{ON}(W_{ih} x_t + W_{hh} h_{t-1})) + b_{ih} + b_{hh}, \qquad
+        h_t = \sigma(o) \odot \tanh(c_t)
+
+    with ONE OnlineNorm1d (``norm_gates``; decays 8191/8192 forward, 31/32 backward), layer scaling per gate and no
+    cell-state norm; ``norm_ih``, ``norm_hh``, ``norm_c`` are None. Normalizing the two projections and the cell
+    state separately makes Online Normalization's backward control process feed back on itself through time and
+    the gradients grow without bound.
+
     Args:
         input_size: features of x.
         hidden_size: H, features of h and c.
@@ -312,6 +401,7 @@ class NormLSTMCell(_NormCellBase):
 
     _num_gates = 4
     _torch_class = nn.LSTMCell
+    _joint_online = True
 
     def __init__(
         self,
@@ -325,8 +415,12 @@ class NormLSTMCell(_NormCellBase):
         dtype=None,
     ) -> None:
         super().__init__(input_size, hidden_size, bias, norm, max_steps, device, dtype)
-        self.norm_c = _build_norm(
-            self.norm, self.hidden_size, max_steps=self.max_steps, ln_chunks=None, device=device, dtype=dtype
+        self.norm_c = (
+            None
+            if self.norm_gates is not None
+            else _build_norm(
+                self.norm, self.hidden_size, max_steps=self.max_steps, ln_chunks=None, device=device, dtype=dtype
+            )
         )
 
     def forward(
@@ -340,8 +434,11 @@ class NormLSTMCell(_NormCellBase):
         h, c = (None, None) if state is None else state
         h, c = self._state(h, x, "state[0] (h)"), self._state(c, x, "state[1] (c)")
         bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh
-        gi = _input_side(x, self.weight_ih, bias, self.norm_ih, step)
-        h, c = _lstm_step(gi, h, c, self.weight_hh.t(), self.norm_hh, self.norm_c, step)
+        if self.norm_gates is not None:
+            h, c = _lstm_step_joint(F.linear(x, self.weight_ih), h, c, self.weight_hh.t(), self.norm_gates, bias)
+        else:
+            gi = _input_side(x, self.weight_ih, bias, self.norm_ih, step)
+            h, c = _lstm_step(gi, h, c, self.weight_hh.t(), self.norm_hh, self.norm_c, step)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
 
@@ -434,6 +531,7 @@ class _NormRNNBase(nn.Module):
     _num_gates: int
     _torch_class: type[nn.Module]
     _norm_sites: tuple[str, ...]
+    _joint_online = False  # as for the cells: norm="online" is one norm per layer, ``norm_gates_l{k}``
 
     def __init__(
         self,
@@ -476,6 +574,9 @@ class _NormRNNBase(nn.Module):
                 self.register_parameter(name, nn.Parameter(torch.empty(gh, **factory)) if self.bias else None)
         self.reset_parameters()
         for k in range(self.num_layers):
+            if self._is_joint():
+                self.add_module(f"norm_gates_l{k}", _OnlineGateNorm(self._num_gates, self.hidden_size, **factory))
+                continue
             for site in self._norm_sites:
                 features = self.hidden_size if site == "c" else gh
                 chunks = None if site == "c" else self._ln_chunks()
@@ -518,8 +619,12 @@ class _NormRNNBase(nn.Module):
         """(weight_ih, weight_hh, bias_ih, bias_hh) of layer ``k``; the biases are None without ``bias``."""
         return tuple(getattr(self, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
 
+    def _is_joint(self) -> bool:
+        return self._joint_online and self.norm == "online"
+
     def _layer_norms(self, k: int) -> tuple[nn.Module | None, ...]:
-        return tuple(getattr(self, f"norm_{site}_l{k}") for site in self._norm_sites)
+        """Layer ``k``'s norm of each site in ``_norm_sites`` (all None with the joint online norm)."""
+        return tuple(getattr(self, f"norm_{site}_l{k}", None) for site in self._norm_sites)
 
     @classmethod
     def from_torch(cls, module: nn.Module, norm: str = "none", **kwargs):
@@ -661,7 +766,9 @@ class NormLSTM(_NormRNNBase):
     Each layer runs :class:`NormLSTMCell`'s step over the sequence. Parameters ``weight_ih_l{k}``,
     ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}`` have torch.nn.LSTM's names, shapes, gate order (i, f, g,
     o), order and initialisation, so its state_dict loads (see :meth:`from_torch`); the norms are submodules
-    ``norm_ih_l{k}``, ``norm_hh_l{k}``, ``norm_c_l{k}`` (None for ``"none"``) and ``norm_between_l{k}``.
+    ``norm_ih_l{k}``, ``norm_hh_l{k}``, ``norm_c_l{k}`` (None for ``"none"``) and ``norm_between_l{k}``. With
+    ``norm="online"`` each layer has instead ONE ``norm_gates_l{k}`` over the summed pre-activation, as in
+    :class:`NormLSTMCell` (the Online Normalization authors' LSTM).
 
     Shape:
         input: (N, T, input_size) with ``batch_first`` (default), (T, N, input_size) without, or unbatched
@@ -684,6 +791,7 @@ class NormLSTM(_NormRNNBase):
     _num_gates = 4
     _torch_class = nn.LSTM
     _norm_sites = ("ih", "hh", "c")
+    _joint_online = True
 
     def __init__(
         self,
@@ -741,9 +849,13 @@ class NormLSTM(_NormRNNBase):
         steps = (sides if sides is not None else F.linear(x, weight_ih)).unbind(0)
         outputs = []
         weight_hh_t = weight_hh.t()
+        norm_gates = getattr(self, f"norm_gates_l{k}", None)
         for t, projected in enumerate(steps):
-            gi = projected if sides is not None else _add(_normalize(norm_ih, projected, t), bias)
-            h, c = _lstm_step(gi, h, c, weight_hh_t, norm_hh, norm_c, t)
+            if norm_gates is not None:
+                h, c = _lstm_step_joint(projected, h, c, weight_hh_t, norm_gates, bias)
+            else:
+                gi = projected if sides is not None else _add(_normalize(norm_ih, projected, t), bias)
+                h, c = _lstm_step(gi, h, c, weight_hh_t, norm_hh, norm_c, t)
             outputs.append(h)
         return torch.stack(outputs), (h, c)
 
