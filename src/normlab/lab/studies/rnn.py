@@ -42,7 +42,7 @@ smoke    MNIST-1D (generated; always available), 300 samples (240 train, 60 test
          Seconds; for tests, not for conclusions.
 quick    MNIST-1D, 5000 samples: a class-balanced subset of 1280 of the 4000 training samples (subset seed 0),
          all 1000 test samples; 40 steps; hidden 32; 6 epochs at batch 64 (120 steps), warm-up 0.5 epoch;
-         longer tests stretch-60, stretch-80, pad-80; all six norms; 1 seed. 70-75 s on 2 CPU cores,
+         longer tests stretch-60, stretch-80, pad-80; all six norms; 1 seed. 45-75 s on 2 CPU cores,
          most of it Online Normalization. Early training: a ranking, not converged accuracies.
 full     Fashion-MNIST row by row (IDX files on disk; ``DataNotFoundError`` if absent): 60000 / 10000 images as
          28 steps of 28 features; hidden 128; 20 epochs at batch 64, warm-up 1 epoch; longer tests stretch-42,
