@@ -1,0 +1,105 @@
+"""Every Triton kernel of every kernel module compiles for an H100 (sm_90), without a GPU.
+
+The CPU suite runs the kernels through Triton's interpreter, which accepts code that Triton's compiler rejects (a
+constexpr branch that uses a None pointer, a shape the layout pass cannot handle, ...). Here one subprocess per
+module (without ``TRITON_INTERPRET``, see :mod:`tests.kernels._sm90`) calls the module's ops forward and backward
+at ResNet-50 and transformer shapes with Triton pretending to be an H100, so every launch the launchers make is
+compiled for sm_90 with the block sizes a GPU would get. The subprocesses start together (at the first test) and
+each test reads its module's report: the kernel was reached, every variant of it compiled, none spills registers
+(except float64 variants, whose tiles are sized for 16/32-bit data, and the KNOWN_SPILLS) and each fits an H100's
+shared memory.
+"""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+from tests.kernels import _sm90  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+KNOWN_SPILLS: dict[tuple[str, str], dict] = {}
+"""Spills that are known and accepted, by (module, kernel): the launch parameters of the spilling variants. Empty:
+the one found (batch_norm._grad_input_kernel with 64 x 64 NCHW tiles at (32, 2048, 7, 7) bf16, 255 registers with
+4 warps) was fixed by giving such tiles 8 warps."""
+KERNELS = [
+    (module, kernel)
+    for module in _sm90.CASES
+    for kernel in _sm90.kernel_names(importlib.import_module(f"normlab.kernels.{module}"))
+]
+
+
+@pytest.fixture(scope="module")
+def report(request):
+    """``report(module)``: the compile report of a module; the subprocesses of all selected modules run at once."""
+    selected = [item.callspec.params["module"] for item in request.session.items if item.module is request.module]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's current default, without its warning
+    procs = {
+        module: subprocess.Popen(
+            [sys.executable, "-m", "tests.kernels._sm90", module],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for module in dict.fromkeys(selected)
+    }
+    done = {}
+
+    def get(module):
+        if module not in done:
+            out, err = procs[module].communicate(timeout=600)
+            done[module] = procs[module].returncode, out, err
+        code, out, err = done[module]
+        if code == _sm90.NO_BACKEND:
+            pytest.skip(err.strip())
+        assert code == 0, f"compiling normlab.kernels.{module} for sm_90 crashed:\n{err[-4000:]}"
+        return json.loads(out)
+
+    yield get
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _label(variant: dict) -> str:
+    dtypes = "/".join(sorted(set(variant["dtypes"].values())))
+    return f"{variant['kernel']}[{dtypes}] {variant['params']}"
+
+
+def _spills(variant: dict) -> bool:
+    """A stack frame that holds spilled registers, unless ptxas spills nothing without the ``--regAllocOptLevel=2``
+    that Triton 3.9 adds (a ptxas workaround that alone makes a few small kernels spill a few bytes)."""
+    return bool(variant["stack"]) and variant.get("spill_stores_default_regalloc") != 0
+
+
+@pytest.mark.parametrize("module,kernel", KERNELS, ids=[f"{m}.{k}" for m, k in KERNELS])
+def test_kernel_compiles_for_sm90(report, module, kernel):
+    result = report(module)
+    assert kernel in result["kernels"]
+    failed = [v for v in result["failed"] if v["kernel"] == kernel]
+    assert not failed, f"{module}.{kernel} does not compile for sm_90:\n" + "\n".join(
+        f"{_label(v)}\n{v['error']}" for v in failed
+    )
+    variants = [v for v in result["compiled"] if v["kernel"] == kernel]
+    assert variants, f"{module}.{kernel}: no launch of tests/kernels/_sm90.py reaches it; add a call that does"
+    spilling = [v for v in variants if _spills(v) and "float64" not in v["dtypes"].values()]
+    known = KNOWN_SPILLS.get((module, kernel), {})
+    unexpected = [v for v in spilling if not known or not known.items() <= v["params"].items()]
+    assert not unexpected, f"{module}.{kernel} spills registers on sm_90:\n" + "\n".join(
+        f"{_label(v)}: {v['regs']} registers, {v['stack']} bytes stack frame" for v in unexpected
+    )
+    assert not known or spilling, f"{module}.{kernel} no longer spills at {known}: remove it from KNOWN_SPILLS"
+    too_big = [v for v in variants if v["shared"] > _sm90.MAX_SHARED]
+    assert not too_big, f"{module}.{kernel} needs more shared memory than an H100 has:\n" + "\n".join(
+        f"{_label(v)}: {v['shared']} bytes" for v in too_big
+    )
