@@ -7,6 +7,7 @@ machine without Triton.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,9 @@ from ..functional._checks import unknown_name_error
 
 __all__ = [
     "ACTIVATIONS",
+    "INTERPRET",
     "act_code",
+    "check_kernel_input",
     "Flat",
     "flat",
     "output_like",
@@ -29,6 +32,35 @@ __all__ = [
 
 ACTIVATIONS = ("none", "relu", "silu")
 """The activations a kernel can fuse after its affine: code 0, 1, 2 in :func:`activation`."""
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+"""Whether the kernels run through Triton's interpreter (on CPU tensors): triton.jit reads TRITON_INTERPRET when a
+kernel is defined, i.e. when the kernel modules are imported."""
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_kernel_input(owner: str, x: torch.Tensor, **per_channel: torch.Tensor | None) -> None:
+    """ValueError naming ``owner`` unless ``x`` is a floating-point (N, C, *) tensor where the kernels can run (CUDA,
+    or any device under the interpreter) and every given per-channel tensor has shape (C,) on x's device (a kernel
+    would read out of bounds otherwise)."""
+    if x.dim() < 2:
+        raise ValueError(f"{owner}: expected input (N, C, *) with at least 2 dims, got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"{owner}: expected a float16, bfloat16, float32 or float64 input, got dtype {x.dtype}")
+    if not x.is_cuda and not INTERPRET:
+        raise ValueError(
+            f"{owner}: the Triton kernel needs a CUDA input (or TRITON_INTERPRET=1 set before import to run on CPU), "
+            f"got an input on {x.device}"
+        )
+    channels = x.shape[1]
+    for name, p in per_channel.items():
+        if p is not None and (tuple(p.shape) != (channels,) or p.device != x.device):
+            raise ValueError(
+                f"{owner}: {name} of shape {tuple(p.shape)} on {p.device} does not match the input's {channels} "
+                f"channels on {x.device} (expected shape ({channels},))"
+            )
 
 
 def act_code(owner: str, act: str | None) -> int:

@@ -64,7 +64,7 @@ import triton.language as tl
 
 from .. import functional as reference
 from ..functional._checks import check_batch_has_values
-from ._triton_utils import Flat, act_code, activation, activation_grad, flat
+from ._triton_utils import Flat, act_code, activation, activation_grad, check_kernel_input, flat
 
 __all__ = ["batch_norm", "frozen_batch_norm"]
 
@@ -722,18 +722,6 @@ class _BatchNormTrain(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------ public functions
 
 
-def _check_per_channel(owner: str, x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
-    """x is (N, C, *) and each given per-channel tensor has shape (C,)."""
-    if x.dim() < 2:
-        raise ValueError(f"{owner}: expected input of shape (N, C, *) with 2 or more dims, got {tuple(x.shape)}")
-    for name, t in tensors.items():
-        if t is not None and tuple(t.shape) != (x.shape[1],):
-            raise ValueError(
-                f"{owner}: {name} has shape {tuple(t.shape)}, expected ({x.shape[1]},) for an input of shape "
-                f"{tuple(x.shape)}"
-            )
-
-
 def _check_nan_guard(x, running_mean, running_var, training: bool, process_group, nan_guard) -> None:
     """nan_guard is (num_batches_tracked, num_nonfinite_batches) for a fused training update."""
     if not (training and running_mean is not None and running_var is not None):
@@ -835,7 +823,7 @@ def batch_norm(
             x, running_mean, running_var, weight, bias, training, momentum, eps, process_group=process_group
         )
         return _activate(y, code)
-    _check_per_channel("batch_norm", x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    check_kernel_input("batch_norm", x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     x = flat(x).tensor
     if training or running_mean is None:
         check_batch_has_values("batch_norm", x)
@@ -896,7 +884,7 @@ def frozen_batch_norm(
         y = frozen_batch_norm(x, running_mean, running_var, weight, bias, act="relu")
     """
     code = act_code("frozen_batch_norm", act)
-    _check_per_channel(
+    check_kernel_input(
         "frozen_batch_norm", x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
     return _batch_norm_affine(flat(x).tensor, running_mean, running_var, weight, bias, float(eps), code)

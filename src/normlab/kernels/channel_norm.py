@@ -50,7 +50,17 @@ import triton
 import triton.language as tl
 
 from ..functional._stats import accumulation_dtype
-from ._triton_utils import Flat, act_code, activation, activation_grad, flat, output_like, same_layout, vector_arg
+from ._triton_utils import (
+    Flat,
+    act_code,
+    activation,
+    activation_grad,
+    check_kernel_input,
+    flat,
+    output_like,
+    same_layout,
+    vector_arg,
+)
 
 __all__ = ["layer_norm2d", "rms_norm2d"]
 
@@ -460,20 +470,6 @@ _channel_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---- public functions -----------------------------------------------------------------------------------------
 
 
-def _check(owner: str, x: torch.Tensor, **params: torch.Tensor | None) -> None:
-    """ValueError unless ``x`` is (N, C, *) floating point and every given parameter is a (C,) vector."""
-    if x.dim() < 2:
-        raise ValueError(f"{owner}: expected input (N, C, ...) with at least 2 dims, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{owner}: expected a floating-point input, got dtype {x.dtype}")
-    for name, p in params.items():
-        if p is not None and tuple(p.shape) != (x.shape[1],):
-            raise ValueError(
-                f"{owner}: {name} of shape {tuple(p.shape)} does not match the input's {x.shape[1]} channels "
-                f"(expected shape ({x.shape[1]},))"
-            )
-
-
 def layer_norm2d(
     x: torch.Tensor,
     weight: torch.Tensor | None = None,
@@ -512,7 +508,7 @@ def layer_norm2d(
         y = layer_norm2d(x.to(memory_format=torch.channels_last), weight, bias, act="relu")
     """
     code = act_code("layer_norm2d", act)
-    _check("layer_norm2d", x, weight=weight, bias=bias)
+    check_kernel_input("layer_norm2d", x, weight=weight, bias=bias)
     return _channel_norm_fwd(x, weight, bias, eps, True, code)[0]
 
 
@@ -548,5 +544,5 @@ def rms_norm2d(
         y = rms_norm2d(x, weight, act="silu")
     """
     code = act_code("rms_norm2d", act)
-    _check("rms_norm2d", x, weight=weight)
+    check_kernel_input("rms_norm2d", x, weight=weight)
     return _channel_norm_fwd(x, weight, None, eps, False, code)[0]

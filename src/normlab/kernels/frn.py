@@ -51,7 +51,7 @@ import triton.language as tl
 
 from ..functional._checks import check_input
 from ..functional._stats import accumulation_dtype
-from ._triton_utils import Flat, flat, output_like, same_layout, vector_arg
+from ._triton_utils import Flat, check_kernel_input, flat, output_like, same_layout, vector_arg
 
 __all__ = ["filter_response_norm"]
 
@@ -502,15 +502,6 @@ _frn_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---- public function ------------------------------------------------------------------------------------------
 
 
-def _check_params(x: torch.Tensor, **params: torch.Tensor | None) -> None:
-    for name, p in params.items():
-        if p is not None and tuple(p.shape) != (x.shape[1],):
-            raise ValueError(
-                f"filter_response_norm: {name} of shape {tuple(p.shape)} does not match the input's {x.shape[1]} "
-                f"channels (expected shape ({x.shape[1]},))"
-            )
-
-
 def filter_response_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None = None,
@@ -550,5 +541,5 @@ def filter_response_norm(
         y = filter_response_norm(x.to(memory_format=torch.channels_last), weight, bias, tau)
     """
     check_input("filter_response_norm", x, (3, 4, 5), None)
-    _check_params(x, weight=weight, bias=bias, tau=tau, learned_eps=learned_eps)
+    check_kernel_input("filter_response_norm", x, weight=weight, bias=bias, tau=tau, learned_eps=learned_eps)
     return _frn_fwd(x, weight, bias, tau, eps, learned_eps)[0]

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -59,12 +58,10 @@ import triton.language as tl
 from ..functional._checks import check_divides, check_input, check_positive_int, check_spatial_has_values
 from ..functional._stats import accumulation_dtype
 from ..functional.batch_norm import update_running_stats
-from ._triton_utils import act_code, activation, activation_grad, flat
+from ._triton_utils import act_code, activation, activation_grad, check_kernel_input, flat
 
 __all__ = ["Blocks", "blocks", "group_norm", "instance_norm", "layer_norm", "rms_norm", "evonorm_s0"]
 
-# triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when this module is imported.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ---- launch configuration (tune on the GPU here) ------------------------------------------------------------------
 
@@ -717,30 +714,6 @@ _group_stats_norm.register_autograd(_autograd_backward, setup_context=_setup_con
 # ---- public functions ---------------------------------------------------------------------------------------------
 
 
-def _check_input(owner: str, x: torch.Tensor) -> None:
-    if x.dim() < 2:
-        raise ValueError(f"{owner}: expected input (N, C, *) with at least 2 dims, got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f"{owner}: expected a float16, bfloat16, float32 or float64 input, got dtype {x.dtype}")
-    if not x.is_cuda and not _INTERPRET:
-        raise ValueError(
-            f"{owner}: the Triton kernel needs a CUDA input (or TRITON_INTERPRET=1 set before import to run on CPU), "
-            f"got an input on {x.device}"
-        )
-
-
-def _per_channel(owner: str, name: str, p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """``p`` as a contiguous (C,) vector, after checking its size and device against ``x``."""
-    if p is None:
-        return None
-    if p.numel() != x.shape[1] or p.device != x.device:
-        raise ValueError(
-            f"{owner}: {name} must hold one value per channel ({x.shape[1]}) on {x.device}, got shape "
-            f"{tuple(p.shape)} on {p.device}"
-        )
-    return p.reshape(-1).contiguous()
-
-
 def _normalize(
     owner: str,
     x: torch.Tensor,
@@ -755,7 +728,8 @@ def _normalize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate the per-channel tensors and run the op; ``running`` = (mean, var) normalizes with given statistics."""
     code = act_code(owner, act)
-    weight, bias, v = (_per_channel(owner, name, p, x) for name, p in (("weight", weight), ("bias", bias), ("v", v)))
+    check_kernel_input(owner, x, weight=weight, bias=bias, v=v)
+    weight, bias, v = (None if p is None else p.contiguous() for p in (weight, bias, v))
     mean_in, var_in = (None, None) if running is None else running
     return _group_stats_norm(flat(x).tensor, weight, bias, v, mean_in, var_in, num_groups, float(eps), center, code)
 
@@ -793,7 +767,7 @@ def group_norm(
 
         y = group_norm(x.cuda(), 32, weight, bias, act="relu")  # == F.relu(F.group_norm(x, 32, weight, bias))
     """
-    _check_input("group_norm", x)
+    check_kernel_input("group_norm", x)
     check_positive_int("group_norm", "num_groups", num_groups)
     check_divides("group_norm", "num_groups", num_groups, "num_channels", x.shape[1])
     return _normalize("group_norm", x, num_groups, weight, bias, None, eps, True, act)[0]
@@ -843,7 +817,7 @@ def instance_norm(
         y = instance_norm(x.cuda(), running_mean, running_var, use_input_stats=True)
     """
     owner = "instance_norm"
-    _check_input(owner, x)
+    check_kernel_input(owner, x)
     if (running_mean is None) != (running_var is None):
         raise ValueError(
             "instance_norm: running_mean and running_var must both be tensors or both be None, got "
@@ -853,9 +827,7 @@ def instance_norm(
         check_spatial_has_values(owner, x)
     elif running_mean is None:
         raise ValueError("instance_norm: use_input_stats=False normalizes with running_mean and running_var, got None")
-    if running_mean is not None:
-        _per_channel(owner, "running_mean", running_mean, x)
-        _per_channel(owner, "running_var", running_var, x)
+    check_kernel_input(owner, x, running_mean=running_mean, running_var=running_var)
     running = None if use_input_stats else (running_mean.reshape(-1), running_var.reshape(-1))
     y, mean, var = _normalize(owner, x, x.shape[1], weight, bias, None, eps, True, act, running)
     if use_input_stats and running_mean is not None:
@@ -894,7 +866,7 @@ def layer_norm(
 
         y = layer_norm(x.cuda(), weight, bias)
     """
-    _check_input("layer_norm", x)
+    check_kernel_input("layer_norm", x)
     return _normalize("layer_norm", x, 1, weight, bias, None, eps, True, act)[0]
 
 
@@ -924,7 +896,7 @@ def rms_norm(
 
         y = rms_norm(x.cuda(), weight)
     """
-    _check_input("rms_norm", x)
+    check_kernel_input("rms_norm", x)
     return _normalize("rms_norm", x, 1, weight, None, None, eps, False, act)[0]
 
 
@@ -963,7 +935,7 @@ def evonorm_s0(
     """
     owner = "evonorm_s0"
     check_input(owner, x, (3, 4, 5), None)
-    _check_input(owner, x)
+    check_kernel_input(owner, x)
     check_positive_int(owner, "num_groups", num_groups)
     check_divides(owner, "num_groups", num_groups, "channels", x.shape[1])
     return _normalize(owner, x, num_groups, weight, bias, v, eps, True, None)[0]
