@@ -38,7 +38,11 @@ KERNELS = [
 @pytest.fixture(scope="module")
 def report(request):
     """``report(module)``: the compile report of a module; the subprocesses of all selected modules run at once."""
-    selected = [item.callspec.params["module"] for item in request.session.items if item.module is request.module]
+    selected = [
+        item.callspec.params["module"]
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module and hasattr(item, "callspec")  # doctests have neither
+    ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's current default, without its warning
     procs = {
