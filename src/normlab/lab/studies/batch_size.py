@@ -51,6 +51,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,10 +205,13 @@ def load_split(data: dict, data_dir=None):
 
 
 class DataSource:
-    """``data(config)`` for :func:`normlab.lab.trainer.sweep`: loads each distinct ``config.data`` once."""
+    """``data(config)`` for :func:`normlab.lab.trainer.sweep`: loads each distinct ``config.data`` once, with
+    ``load(data, data_dir)`` (default: this study's :func:`load_split`; a module-level function, so that the source
+    pickles into ``jobs`` workers)."""
 
-    def __init__(self, data_dir=None) -> None:
+    def __init__(self, data_dir=None, load: Callable[[dict, object], tuple] | None = None) -> None:
         self.data_dir = data_dir
+        self.load = load_split if load is None else load
         self._cache: dict[str, tuple] = {}
 
     def __call__(self, config: TrainConfig):
@@ -216,7 +220,7 @@ class DataSource:
     def split(self, data: dict):
         key = json.dumps(data, sort_keys=True)
         if key not in self._cache:
-            self._cache[key] = load_split(data, self.data_dir)
+            self._cache[key] = self.load(data, self.data_dir)
         return self._cache[key]
 
 

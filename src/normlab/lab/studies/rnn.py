@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from ..runs import RunStore
 from ..trainer import TrainConfig, evaluate, load_model, sweep
 from . import Study, Summary, torch_threads
-from .batch_size import check_level, check_norms, check_seeds, format_mean_std, mean_std, write_json
+from .batch_size import DataSource, check_level, check_norms, check_seeds, format_mean_std, mean_std, write_json
 
 __all__ = ["STUDY", "NORMS", "PROTOCOLS", "Protocol", "longer_sequences", "load_split", "LONG_FILE"]
 
@@ -191,20 +191,6 @@ def load_split(data: dict, data_dir=None):
     raise ValueError(f"load_split: unknown dataset {data['dataset']!r} (expected 'mnist1d' or 'fashion')")
 
 
-class _DataSource:
-    """``data(config)`` for :func:`normlab.lab.trainer.sweep`: loads each distinct ``config.data`` once."""
-
-    def __init__(self, data_dir=None) -> None:
-        self.data_dir = data_dir
-        self._cache: dict[str, tuple] = {}
-
-    def __call__(self, config: TrainConfig):
-        key = json.dumps(config.data, sort_keys=True)
-        if key not in self._cache:
-            self._cache[key] = load_split(config.data, self.data_dir)
-        return self._cache[key]
-
-
 def blank_value(dataset: str) -> float:
     """The input value of "nothing" in a dataset's standardized inputs: the padding of ``pad-L`` tests."""
     from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
@@ -260,7 +246,7 @@ def _evaluate_long(model, protocol: Protocol, x_test, y_test) -> dict:
     return {"train_steps": protocol.train_steps, "pad_value": pad_value, "tests": results}
 
 
-def _write_long(store: RunStore, name: str, protocol: Protocol, data: _DataSource, config: TrainConfig) -> None:
+def _write_long(store: RunStore, name: str, protocol: Protocol, data: DataSource, config: TrainConfig) -> None:
     _, (x_test, y_test) = data(config)
     result = _evaluate_long(load_model(store, name), protocol, x_test, y_test)
     path = store.path(name) / LONG_FILE
@@ -303,7 +289,7 @@ def run(
             "runs": [c.name for c in configs],
         },
     )
-    data = _DataSource(data_dir)
+    data = DataSource(data_dir, load=load_split)
     evaluated = 0
     with torch_threads(protocol.threads):
         result = sweep(configs, store, data, quiet=quiet, echo=echo, save_model=True, jobs=jobs)
