@@ -28,72 +28,56 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study(args: argparse.Namespace) -> int:
-    from .report import write_report
-    from .studies import get_study
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return _study_under_torchrun(args)
-    echo = (lambda *a, **k: None) if args.quiet else print
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        study = get_study(args.name)
-        out = Path(args.out) if args.out else Path("runs") / f"{args.name}-{args.level}"
-        study.run(
-            out,
-            level=args.level,
-            norms=args.norms,
-            seeds=args.seeds,
-            quiet=args.quiet,
-            echo=echo,
-            data_dir=args.data_dir,
-            jobs=args.jobs,
-        )
-        report = write_report(out, echo=print)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"normlab study: error: {err}", file=sys.stderr)
-        return 2
-    print(f"\nresults and plots: {out}\nreport: {report}")
-    return 0
-
-
 # The studies whose training runs are data-parallel under torchrun (the others evaluate or time in one process).
 _DISTRIBUTED_STUDIES = ("batch-size",)
 
 
-def _study_under_torchrun(args: argparse.Namespace) -> int:
-    """``torchrun --nproc_per_node K -m normlab.lab.cli study batch-size ...``: every run is data-parallel over the
-    K processes (gloo on CPU, NCCL with one GPU each), with the protocol's batch size per process."""
+def _study(args: argparse.Namespace) -> int:
+    """``normlab study ...``; under ``torchrun --nproc_per_node K -m normlab.lab.cli study batch-size ...`` every run
+    is data-parallel over the K processes (gloo on CPU, NCCL with one GPU each), with the protocol's batch size per
+    process, and rank 0 writes the report."""
     import torch.distributed as dist
 
     from .report import write_report
     from .studies import get_study
     from .trainer import init_distributed
 
-    if args.name not in _DISTRIBUTED_STUDIES:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.name not in _DISTRIBUTED_STUDIES:
         print(
             f"normlab study: error: {args.name!r} does not run under torchrun (WORLD_SIZE="
             f"{os.environ['WORLD_SIZE']}); studies that do: {', '.join(_DISTRIBUTED_STUDIES)}",
             file=sys.stderr,
         )
         return 2
-    info = init_distributed()
+    info = init_distributed()  # rank 0 of 1 without torchrun
+    distributed = info.world_size > 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out else Path("runs") / f"{args.name}-{args.level}-ddp{info.world_size}"
     quiet = args.quiet or info.rank > 0
+    echo = (lambda *a, **k: None) if quiet else print
+    suffix = f"-ddp{info.world_size}" if distributed else ""
+    out = Path(args.out) if args.out else Path("runs") / f"{args.name}-{args.level}{suffix}"
     try:
         get_study(args.name).run(
-            out, level=args.level, norms=args.norms, seeds=args.seeds, quiet=quiet, data_dir=args.data_dir, jobs=1
+            out,
+            level=args.level,
+            norms=args.norms,
+            seeds=args.seeds,
+            quiet=quiet,
+            echo=echo,
+            data_dir=args.data_dir,
+            jobs=1 if distributed else args.jobs,
         )
         if info.rank == 0:
-            print(f"\nresults and plots: {out}\nreport: {write_report(out, echo=print)}")
+            report = write_report(out, echo=print)
+            print(f"\nresults and plots: {out}\nreport: {report}")
     except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"normlab study: error (rank {info.rank}): {err}", file=sys.stderr)
+        where = f" (rank {info.rank})" if distributed else ""
+        print(f"normlab study: error{where}: {err}", file=sys.stderr)
         return 2
     finally:
-        dist.destroy_process_group()
+        if distributed:
+            dist.destroy_process_group()
     return 0
 
 
