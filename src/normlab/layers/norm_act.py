@@ -57,20 +57,8 @@ class BatchNormAct2d(BatchNorm2d):
         self.act = _check_act(type(self).__name__, act)
 
     def _normalize(self, x, running_mean, running_var, use_batch_stats: bool, momentum: float, group, **kwargs):
-        return kernels.call(
-            "batch_norm",
-            x,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-            process_group=group,
-            act=self.act,
-            **kwargs,
-        )
+        kwargs["act"] = self.act
+        return super()._normalize(x, running_mean, running_var, use_batch_stats, momentum, group, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act={self.act}"
