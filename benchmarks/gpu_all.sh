@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU check of normlab in one invocation (issue 6): the CUDA tests, `normlab bench kernels` and
-# `normlab bench resnet50 --compile`, each step under its own time limit, all output under $OUT.
+# Every GPU check of normlab in one invocation (issue 6), all output under $OUT:
+#   phase 0, in parallel: the CUDA tests, and a compile-only pass of every timed step (normlab's Triton kernels and
+#            torch.compile's graphs land in their disk caches, so the timed steps spend their time timing);
+#   phase 1, one at a time: `normlab bench kernels`, `normlab bench resnet50 --compile`, benchmarks/gpu_tune.py.
 #
 #   bash benchmarks/gpu_all.sh                  # writes ./gpu_out/
 #   OUT=/tmp/x T_RESNET=400 bash benchmarks/gpu_all.sh
@@ -8,19 +10,23 @@
 # Needs a CUDA machine with python3, torch, triton, numpy, pytest and hypothesis; installs nothing (normlab runs from
 # src/ through PYTHONPATH, so no network and no pip are needed). A failed or timed-out step does not stop the
 # others; the summary at the end (also $OUT/summary.txt) gives each step's status. Exit status: 0 when every step
-# passed, 1 otherwise. The limits below add up to about 6.5 minutes on an H100. See benchmarks/README.md.
+# passed, 1 otherwise. The limits below add up to at most 10 minutes on an H100. See benchmarks/README.md.
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 OUT="${OUT:-gpu_out}"
 PY="${PYTHON:-python3}"
-T_GPU_TESTS="${T_GPU_TESTS:-45}"        # pytest -m gpu tests
+T_WARM="${T_WARM:-140}"                # phase 0: the CUDA tests and the compile-only runs, in parallel
 T_KERNELS="${T_KERNELS:-150}"           # normlab bench kernels
-T_RESNET="${T_RESNET:-200}"             # normlab bench resnet50 (each torch.compile of the model takes ~45 s)
+T_RESNET="${T_RESNET:-170}"             # normlab bench resnet50 (each torch.compile of the model takes ~45 s cold)
+T_TUNE="${T_TUNE:-90}"                 # benchmarks/gpu_tune.py
+WARM_SHARDS="${WARM_SHARDS:-8}"         # parallel compile-only processes of gpu_tune.py
 KERNELS_COMPILE="${KERNELS_COMPILE:-bf16-cl}"         # bench kernels --compile: all | bf16-cl | none
 RESNET_COMPILE="${RESNET_COMPILE-b64-bf16-cl}"        # configs to compile in; empty: every config
 
 mkdir -p "$OUT"
+LOG="$OUT/run.log"     # every step's output (the fetched files are few: one log, the CSVs, the summary)
+WARM="$(mktemp -d)"    # the compile-only runs' CSVs (their times mean nothing: they ran side by side)
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET NORMLAB_BACKEND  # real kernels on the GPU, the default dispatch in the tests
@@ -74,12 +80,42 @@ else:
 EOF
 } | tee "$OUT/env.txt"
 
-step gpu-tests "$T_GPU_TESTS" "$OUT/tests.log" "$PY" -m pytest -q -m gpu tests
-step bench-kernels "$T_KERNELS" "$OUT/kernels.log" \
+# phase 0: everything that compiles, side by side (16 CPU cores compile in parallel); the CUDA tests with it
+phase0() {
+    local pids=() op setting i
+    "$PY" -m pytest -q -m gpu tests/kernels tests/lab/test_study_speed.py >"$OUT/tests.log" 2>&1 &
+    pids+=($!)
+    for op in gn in bn ln2d rms2d frn evo_s0 "ln rms"; do
+        # shellcheck disable=SC2086  # "ln rms": two ops in one process
+        "$PY" -m normlab.lab.cli bench kernels --ops $op --compile "$KERNELS_COMPILE" --out "$WARM/k-${op// /-}.csv" \
+            >>"$OUT/warm.log" 2>&1 &
+        pids+=($!)
+    done
+    for setting in torch-bn normlab-bn normlab-gn torch-gn none; do
+        # shellcheck disable=SC2086
+        "$PY" -m normlab.lab.cli bench resnet50 --settings "$setting" --steps 1 --warmup 1 --compile $RESNET_COMPILE \
+            --out "$WARM/r-$setting.csv" >>"$OUT/warm.log" 2>&1 &
+        pids+=($!)
+    done
+    for ((i = 0; i < WARM_SHARDS; i++)); do
+        "$PY" benchmarks/gpu_tune.py --warm --shard "$i" --shards "$WARM_SHARDS" >>"$OUT/warm.log" 2>&1 &
+        pids+=($!)
+    done
+    wait "${pids[0]}"  # the tests' status is this phase's (their output: $OUT/tests.log)
+    local rc=$?
+    tail -n 3 "$OUT/tests.log"
+    wait
+    return "$rc"
+}
+export -f phase0
+export PY OUT WARM KERNELS_COMPILE RESNET_COMPILE WARM_SHARDS
+step phase0-tests "$T_WARM" "$LOG" bash -c phase0
+step bench-kernels "$T_KERNELS" "$LOG" \
     "$PY" -m normlab.lab.cli bench kernels --compile "$KERNELS_COMPILE" --out "$OUT/kernels.csv"
 # shellcheck disable=SC2086  # RESNET_COMPILE is a list of config names (or empty: bare --compile)
-step bench-resnet50 "$T_RESNET" "$OUT/resnet50.log" \
+step bench-resnet50 "$T_RESNET" "$LOG" \
     "$PY" -m normlab.lab.cli bench resnet50 --compile $RESNET_COMPILE --out "$OUT/resnet50.csv"
+step tune "$T_TUNE" "$LOG" "$PY" benchmarks/gpu_tune.py --out "$OUT/tune.csv"
 
 {
     cat "$OUT/env.txt"

@@ -78,6 +78,8 @@ _TARGET_PROGRAMS = 4 * 132
 """Programs a split reduction aims for: four per SM of an H100."""
 _MAX_BLOCK_COMMIT = 1024
 """Channels per loop step of the NaN guard's commit, which one program runs over all channels."""
+_NUM_WARPS = 4
+"""Warps of the reductions, the merge and the elementwise passes (8 where a short-row elementwise tile would spill)."""
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
@@ -413,7 +415,7 @@ def _cl_reduce_config(p: int, c: int) -> tuple[tuple[int, int], dict]:
     groups = max(1, min(triton.cdiv(_TARGET_PROGRAMS, c_blocks), triton.cdiv(p, block_p)))
     rows = triton.cdiv(triton.cdiv(p, groups), block_p) * block_p
     grid = (triton.cdiv(p, rows), c_blocks)
-    return grid, {"ROWS_PER_PROG": rows, "BLOCK_P": block_p, "BLOCK_C": block_c, "num_warps": 4}
+    return grid, {"ROWS_PER_PROG": rows, "BLOCK_P": block_p, "BLOCK_C": block_c, "num_warps": _NUM_WARPS}
 
 
 def _nchw_reduce_config(n: int, c: int, s: int) -> tuple[tuple[int, int], dict]:
@@ -428,14 +430,14 @@ def _nchw_reduce_config(n: int, c: int, s: int) -> tuple[tuple[int, int], dict]:
     s_per = triton.cdiv(triton.cdiv(s, groups_s), block_s) * block_s
     groups_s = triton.cdiv(s, s_per)
     meta = {"N_PER_PROG": n_per, "S_PER_PROG": s_per, "GROUPS_S": groups_s, "BLOCK_N": block_n, "BLOCK_S": block_s}
-    return (c, groups_n * groups_s), {**meta, "num_warps": 4}
+    return (c, groups_n * groups_s), {**meta, "num_warps": _NUM_WARPS}
 
 
 def _merge_config(groups: int, c: int) -> tuple[tuple[int], dict]:
     """Grid and meta-parameters of the merge of ``groups`` partials per channel."""
     block_c = min(triton.next_power_of_2(c), _MAX_BLOCK_C)
     block_g = min(triton.next_power_of_2(groups), max(1, _TILE // block_c))
-    return (triton.cdiv(c, block_c),), {"BLOCK_G": block_g, "BLOCK_C": block_c, "num_warps": 4}
+    return (triton.cdiv(c, block_c),), {"BLOCK_G": block_g, "BLOCK_C": block_c, "num_warps": _NUM_WARPS}
 
 
 def _commit_block(c: int) -> int:
@@ -449,7 +451,7 @@ def _elementwise_config(a: int, b: int) -> tuple[tuple[int, int], dict]:
     block_a = min(triton.next_power_of_2(a), max(1, _TILE // block_b))
     # short rows (few positions, NCHW) make tiles of many rows, each with its own channel parameters: 8 warps keep
     # the per-thread share of those below the register limit (4 warps spilled at (32, 2048, 7, 7) bf16 on sm_90)
-    warps = 8 if block_b < 128 and block_a * block_b >= _TILE else 4
+    warps = max(8, _NUM_WARPS) if block_b < 128 and block_a * block_b >= _TILE else _NUM_WARPS
     meta = {"BLOCK_A": block_a, "BLOCK_B": block_b, "num_warps": warps}
     return (triton.cdiv(a, block_a), triton.cdiv(b, block_b)), meta
 

@@ -1,0 +1,337 @@
+"""Sweep the launch constants of normlab's Triton kernels at the shapes of issue 6's targets (CUDA GPU only).
+
+Each kernel module keeps its launch configuration in module constants (``_TILE``, ``_NUM_WARPS``,
+``_PROGRAMS_PER_SM``, ...) that its config functions read at every launch. This script sets a candidate's values,
+times the normlab layer's forward and forward+backward (``triton.testing.do_bench``, median) next to torch's eager
+layer in the same process, checks the candidate's output and input gradient against torch's, restores the
+constants, and writes one CSV row per (case, candidate, pass). The summary printed last gives, per case, the
+baseline (the constants as committed), the fastest candidate and torch eager.
+
+    python benchmarks/gpu_tune.py --out tune.csv                    # every case and candidate, timed
+    python benchmarks/gpu_tune.py --warm --shard 0 --shards 8       # compile only (fills Triton's disk cache)
+
+``--warm`` runs each assigned (case, candidate) once without timing: run several shards in parallel first, so that
+the timed run that follows finds every kernel compiled (benchmarks/gpu_all.sh does this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPE = (32, 256, 56, 56)
+SMALL = (2, 256, 56, 56)
+
+# (op of normlab.lab.bench.KERNEL_OPS, shape, dtype, layout)
+CASES = [
+    ("gn", SHAPE, torch.bfloat16, "channels_last"),
+    ("in", SHAPE, torch.bfloat16, "channels_last"),
+    ("bn", SHAPE, torch.bfloat16, "channels_last"),
+    ("gn", SHAPE, torch.bfloat16, "nchw"),
+    ("bn", SHAPE, torch.bfloat16, "nchw"),
+    ("gn", SMALL, torch.bfloat16, "channels_last"),
+    ("bn", SMALL, torch.bfloat16, "channels_last"),
+    ("gn", SHAPE, torch.float32, "nchw"),
+    ("bn", SHAPE, torch.float32, "nchw"),
+    ("ln2d", SHAPE, torch.bfloat16, "channels_last"),
+    ("frn", SHAPE, torch.bfloat16, "channels_last"),
+]
+
+MODULES = {"gn": "group_norm", "in": "group_norm", "bn": "batch_norm", "ln2d": "channel_norm", "frn": "frn"}
+
+CANDIDATES = {
+    "group_norm": [
+        {},
+        {"_NUM_WARPS": 4},
+        {"_NUM_WARPS": 16},
+        {"_TILE": 2048},
+        {"_TILE": 2048, "_NUM_WARPS": 4},
+        {"_TILE": 8192},
+        {"_TILE": 8192, "_NUM_WARPS": 16},
+        {"_PROGRAMS_PER_SM": 2},
+        {"_PROGRAMS_PER_SM": 8},
+        {"_TILE_CHANNELS": 256},
+        {"_TILE_POSITIONS": 512},
+        {"_TILE_POSITIONS": 2048},
+    ],
+    "batch_norm": [
+        {},
+        {"_NUM_WARPS": 8},
+        {"_TILE": 2048},
+        {"_TILE": 8192},
+        {"_TILE": 8192, "_NUM_WARPS": 8},
+        {"_MAX_BLOCK_C": 32},
+        {"_MAX_BLOCK_C": 128},
+        {"_MAX_BLOCK_S": 512},
+        {"_MAX_BLOCK_S": 2048},
+        {"_TARGET_PROGRAMS": 2 * 132},
+        {"_TARGET_PROGRAMS": 8 * 132},
+    ],
+    "channel_norm": [{}, {"_TILE": 2048}, {"_TILE": 8192}, {"_PROGRAMS_PER_SM": 2}, {"_PROGRAMS_PER_SM": 8}],
+    "frn": [{}, {"_TILE": 2048}, {"_TILE": 8192}, {"_PROGRAMS_PER_SM": 2}, {"_PROGRAMS_PER_SM": 8}],
+}
+
+COLUMNS = [
+    "op",
+    "shape",
+    "dtype",
+    "layout",
+    "module",
+    "candidate",
+    "pass",
+    "normlab_ms",
+    "eager_ms",
+    "speedup_vs_eager",
+    "bw_frac",
+    "rel_err_y",
+    "rel_err_dx",
+    "status",
+    "device",
+    "torch",
+    "triton",
+]
+
+
+def _jobs():
+    """Every (case index, candidate) pair, in a fixed order (shards take every k-th)."""
+    return [(i, cand) for i, case in enumerate(CASES) for cand in CANDIDATES[MODULES[case[0]]]]
+
+
+class _Patched:
+    """Set a module's launch constants for the duration of a with-block."""
+
+    def __init__(self, module, values: dict) -> None:
+        self.module, self.values, self.saved = module, values, {}
+
+    def __enter__(self):
+        for name, value in self.values.items():
+            if not hasattr(self.module, name):
+                raise AttributeError(f"{self.module.__name__} has no launch constant {name}")
+            self.saved[name] = getattr(self.module, name)
+            setattr(self.module, name, value)
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            setattr(self.module, name, value)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _build(case, device):
+    from normlab.lab.bench import KERNEL_OPS
+
+    op_name, shape, dtype, layout = case
+    op = KERNEL_OPS[op_name]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    dy = torch.randn(shape, generator=gen).to(device, dtype)
+    ours = op.normlab(shape[1]).to(device=device, dtype=dtype).train()
+    theirs = (op.torch or op.normlab)(shape[1]).to(device=device, dtype=dtype).train()
+    with torch.no_grad():  # same (non-trivial) affine parameters in both
+        for p in ours.parameters():
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen).to(device, dtype))
+        ours_params = dict(ours.named_parameters())
+        for name, p in theirs.named_parameters():
+            key = name.split(".")[-1]
+            if key in ours_params and ours_params[key].shape == p.shape:
+                p.copy_(ours_params[key])
+    return x, dy, ours, theirs
+
+
+def _passes(module, x, dy, backend):
+    from normlab import kernels
+
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def fwd():
+        with kernels.use_backend(backend):
+            return module(x)
+
+    def fwd_bwd():
+        with kernels.use_backend(backend):
+            return torch.autograd.grad(module(x), [x, *params], dy)
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+
+
+def _time(fn) -> float:
+    fn()
+    if not torch.cuda.is_available():  # --smoke on CPU: the times mean nothing
+        samples = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(samples)
+    from triton.testing import do_bench
+
+    torch.cuda.synchronize()
+    return float(do_bench(fn, warmup=5, rep=30, return_mode="median"))
+
+
+def _copy_gbps(device) -> float:
+    src = torch.ones(2**28 if device.type == "cuda" else 2**10, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / (_time(lambda: dst.copy_(src)) * 1e6)
+
+
+def _profile(device) -> None:
+    """Per-kernel CUDA time of one forward+backward at the first three cases (committed constants), normlab and
+    torch: which launch costs what."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for case in CASES[:3]:
+        x, dy, ours, theirs = _build(case, device)
+        for name, module, backend in (("normlab", ours, "triton"), ("torch", theirs, "reference")):
+            fn = _passes(module, x, dy, backend)["fwd+bwd"]
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    fn()
+                torch.cuda.synchronize()
+            print(f"\n== profile {case[0]} {case[1]} {case[2]} {case[3]} {name} (10 x fwd+bwd)")
+            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=70))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="tune.csv", help="the CSV to write")
+    parser.add_argument("--warm", action="store_true", help="compile only: run each job once, no timing, no CSV")
+    parser.add_argument("--shard", type=int, default=0)
+    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument(
+        "--smoke", action="store_true", help="CPU, tiny shapes, two candidates per module (a test of the script)"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        CASES[:] = [(op, (2, 32, 5, 3), dtype, layout) for op, _, dtype, layout in CASES[:2] + CASES[2:5:2]]
+        for name in CANDIDATES:
+            CANDIDATES[name][:] = CANDIDATES[name][:2]
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        print("gpu_tune: needs a CUDA GPU (--smoke runs a tiny CPU configuration)", file=sys.stderr)
+        return 2
+    else:
+        device = torch.device("cuda")
+    jobs = _jobs()[args.shard :: args.shards]
+
+    if args.warm:
+        for i, cand in jobs:
+            case = CASES[i]
+            x, dy, ours, _ = _build(case, device)
+            module = importlib.import_module(f"normlab.kernels.{MODULES[case[0]]}")
+            try:
+                with _Patched(module, cand):
+                    _passes(ours, x, dy, "triton")["fwd+bwd"]()
+            except Exception as err:  # reported again, with its row, by the timed run
+                print(f"warm {case[0]} {cand}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 0
+
+    import triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    env = {"device": name, "torch": torch.__version__, "triton": triton.__version__}
+    copy_gbps = _copy_gbps(device)
+    print(f"{env['device']}: copy {copy_gbps:.0f} GB/s, torch {env['torch']}, triton {env['triton']}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    best: dict[int, list] = {}
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        eager: dict[int, dict] = {}
+        for i, cand in jobs:
+            case = CASES[i]
+            op, shape, dtype, layout = case
+            module = importlib.import_module(f"normlab.kernels.{MODULES[op]}")
+            x, dy, ours, theirs = _build(case, device)
+            if i not in eager:
+                eager[i] = {name: _time(fn) for name, fn in _passes(theirs, x, dy, "reference").items()}
+                ref = _passes(theirs, x, dy, "reference")["fwd+bwd"]()
+                ref_y = _passes(theirs, x, dy, "reference")["fwd"]().detach()
+                eager[i]["ref"] = (ref_y, ref[0])
+            ref_y, ref_dx = eager[i]["ref"]
+            row = {
+                "op": op,
+                "shape": "x".join(map(str, shape)),
+                "dtype": str(dtype).replace("torch.", ""),
+                "layout": layout,
+                "module": MODULES[op],
+                "candidate": json.dumps(cand, sort_keys=True),
+                **env,
+            }
+            try:
+                with _Patched(module, cand):
+                    fns = _passes(ours, x, dy, "triton")
+                    y = fns["fwd"]().detach()
+                    dx = fns["fwd+bwd"]()[0]
+                    errs = {"rel_err_y": _rel(y, ref_y), "rel_err_dx": _rel(dx, ref_dx)}
+                    times = {name: _time(fn) for name, fn in fns.items()}
+                status = "ok"
+            except Exception as err:
+                times, errs, status = {}, {}, f"error: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
+            traffic = {"fwd": 2, "fwd+bwd": 5}
+            for name in ("fwd", "fwd+bwd"):
+                ms = times.get(name)
+                e = eager[i][name]
+                nbytes = traffic[name] * math.prod(shape) * x.element_size()
+                writer.writerow(
+                    {
+                        **row,
+                        "pass": name,
+                        "normlab_ms": None if ms is None else f"{ms:.5f}",
+                        "eager_ms": f"{e:.5f}",
+                        "speedup_vs_eager": None if ms is None else f"{e / ms:.3f}",
+                        "bw_frac": None if ms is None else f"{nbytes / (ms * 1e6) / copy_gbps:.3f}",
+                        **{k: f"{v:.2e}" for k, v in errs.items()},
+                        "status": status,
+                    }
+                )
+            fh.flush()
+            ms = times.get("fwd+bwd")
+            print(
+                f"{op:5} {row['shape']:12} {row['dtype']:9} {layout:13} {row['candidate']:40} "
+                f"fwd+bwd {'-' if ms is None else f'{ms:.4f}':>8} ms  eager {eager[i]['fwd+bwd']:.4f}  "
+                f"err {errs.get('rel_err_dx', float('nan')):.1e}  {status[:60]}",
+                flush=True,
+            )
+            if ms is not None:
+                best.setdefault(i, []).append((ms, row["candidate"]))
+
+    if device.type == "cuda":
+        try:
+            _profile(device)
+        except Exception as err:  # the profile is a help for reading the times, not a result
+            print(f"profile failed: {type(err).__name__}: {err}")
+    print("\nper case (fwd+bwd): baseline ms, best ms (candidate), eager ms, best speedup vs eager")
+    for i, results in best.items():
+        op, shape, dtype, layout = CASES[i]
+        base = next((ms for ms, c in results if c == "{}"), statistics.median(r[0] for r in results))
+        ms, cand = min(results)
+        e = eager[i]["fwd+bwd"]
+        print(
+            f"{op:5} {'x'.join(map(str, shape)):12} {str(dtype)[6:]:9} {layout:13} base {base:.4f}  best {ms:.4f} "
+            f"{cand:36} eager {e:.4f}  x{e / ms:.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
