@@ -92,6 +92,10 @@ COLUMNS = [
     "eager_ms",
     "speedup_vs_eager",
     "bw_frac",
+    "normlab_graph_ms",
+    "eager_graph_ms",
+    "graph_speedup_vs_eager",
+    "graph_bw_frac",
     "rel_err_y",
     "rel_err_dx",
     "status",
@@ -118,10 +122,18 @@ class _Patched:
                 raise AttributeError(f"{self.module.__name__} has no launch constant {name}")
             self.saved[name] = getattr(self.module, name)
             setattr(self.module, name, value)
+        self._clear_caches()
 
     def __exit__(self, *exc):
         for name, value in self.saved.items():
             setattr(self.module, name, value)
+        self._clear_caches()
+
+    def _clear_caches(self):
+        """The config functions are cached (functools.lru_cache): forget configs made with other constants."""
+        for obj in vars(self.module).values():
+            if callable(getattr(obj, "cache_clear", None)):
+                obj.cache_clear()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -140,6 +152,8 @@ def _build(case, device):
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     dy = torch.randn(shape, generator=gen).to(device, dtype)
+    if layout == "channels_last":  # as x: a gradient in another layout would add a copy to every timing
+        dy = dy.contiguous(memory_format=torch.channels_last)
     ours = op.normlab(shape[1]).to(device=device, dtype=dtype).train()
     theirs = (op.torch or op.normlab)(shape[1]).to(device=device, dtype=dtype).train()
     with torch.no_grad():  # same (non-trivial) affine parameters in both
@@ -184,6 +198,17 @@ def _time(fn) -> float:
     return float(do_bench(fn, warmup=5, rep=30, return_mode="median"))
 
 
+def _time_graph(fn) -> float | None:
+    """The median time of ``fn`` replayed from a CUDA graph: the GPU's time without host overhead (None on CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    from triton.testing import do_bench_cudagraph
+
+    fn()
+    torch.cuda.synchronize()
+    return float(do_bench_cudagraph(fn, rep=20, return_mode="median"))
+
+
 def _copy_gbps(device) -> float:
     src = torch.ones(2**28 if device.type == "cuda" else 2**10, device=device)
     dst = torch.empty_like(src)
@@ -208,6 +233,18 @@ def _profile(device) -> None:
                 torch.cuda.synchronize()
             print(f"\n== profile {case[0]} {case[1]} {case[2]} {case[3]} {name} (10 x fwd+bwd)")
             print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=70))
+
+
+def _graph_columns(pass_: str, ours: float | None, theirs: float | None, nbytes: int, copy_gbps: float) -> dict:
+    """The CUDA-graph columns of a fwd+bwd row (the graph times only forward+backward)."""
+    if pass_ != "fwd+bwd" or ours is None:
+        return {}
+    return {
+        "normlab_graph_ms": f"{ours:.5f}",
+        "eager_graph_ms": None if theirs is None else f"{theirs:.5f}",
+        "graph_speedup_vs_eager": None if theirs is None else f"{theirs / ours:.3f}",
+        "graph_bw_frac": f"{nbytes / (ours * 1e6) / copy_gbps:.3f}",
+    }
 
 
 def main(argv=None) -> int:
@@ -264,6 +301,7 @@ def main(argv=None) -> int:
             x, dy, ours, theirs = _build(case, device)
             if i not in eager:
                 eager[i] = {name: _time(fn) for name, fn in _passes(theirs, x, dy, "reference").items()}
+                eager[i]["graph"] = _time_graph(_passes(theirs, x, dy, "reference")["fwd+bwd"])
                 ref = _passes(theirs, x, dy, "reference")["fwd+bwd"]()
                 ref_y = _passes(theirs, x, dy, "reference")["fwd"]().detach()
                 eager[i]["ref"] = (ref_y, ref[0])
@@ -284,6 +322,7 @@ def main(argv=None) -> int:
                     dx = fns["fwd+bwd"]()[0]
                     errs = {"rel_err_y": _rel(y, ref_y), "rel_err_dx": _rel(dx, ref_dx)}
                     times = {name: _time(fn) for name, fn in fns.items()}
+                    times["graph"] = _time_graph(fns["fwd+bwd"])
                 status = "ok"
             except Exception as err:
                 times, errs, status = {}, {}, f"error: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
@@ -300,15 +339,17 @@ def main(argv=None) -> int:
                         "eager_ms": f"{e:.5f}",
                         "speedup_vs_eager": None if ms is None else f"{e / ms:.3f}",
                         "bw_frac": None if ms is None else f"{nbytes / (ms * 1e6) / copy_gbps:.3f}",
+                        **_graph_columns(name, times.get("graph"), eager[i]["graph"], nbytes, copy_gbps),
                         **{k: f"{v:.2e}" for k, v in errs.items()},
                         "status": status,
                     }
                 )
             fh.flush()
-            ms = times.get("fwd+bwd")
+            ms = times.get("graph") or times.get("fwd+bwd")  # tune on the GPU's time where measured
             print(
                 f"{op:5} {row['shape']:12} {row['dtype']:9} {layout:13} {row['candidate']:40} "
-                f"fwd+bwd {'-' if ms is None else f'{ms:.4f}':>8} ms  eager {eager[i]['fwd+bwd']:.4f}  "
+                f"fwd+bwd {'-' if ms is None else f'{ms:.4f}':>8} ms  "
+                f"eager {eager[i]['graph'] or eager[i]['fwd+bwd']:.4f}  "
                 f"err {errs.get('rel_err_dx', float('nan')):.1e}  {status[:60]}",
                 flush=True,
             )
@@ -320,12 +361,12 @@ def main(argv=None) -> int:
             _profile(device)
         except Exception as err:  # the profile is a help for reading the times, not a result
             print(f"profile failed: {type(err).__name__}: {err}")
-    print("\nper case (fwd+bwd): baseline ms, best ms (candidate), eager ms, best speedup vs eager")
+    print("\nper case (fwd+bwd, CUDA-graph times on a GPU): baseline ms, best ms (candidate), eager ms, speedup")
     for i, results in best.items():
         op, shape, dtype, layout = CASES[i]
         base = next((ms for ms, c in results if c == "{}"), statistics.median(r[0] for r in results))
         ms, cand = min(results)
-        e = eager[i]["fwd+bwd"]
+        e = eager[i]["graph"] or eager[i]["fwd+bwd"]
         print(
             f"{op:5} {'x'.join(map(str, shape)):12} {str(dtype)[6:]:9} {layout:13} base {base:.4f}  best {ms:.4f} "
             f"{cand:36} eager {e:.4f}  x{e / ms:.2f}"

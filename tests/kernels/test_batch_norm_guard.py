@@ -5,6 +5,7 @@ torch.where: the guarded update must commit exactly what the unguarded path and 
 non-finite batches, warn once, work under torch.compile(fullgraph=True), and issue no op besides the kernel's.
 """
 
+import sys
 import warnings
 
 import pytest
@@ -143,15 +144,29 @@ class _RecordOps(TorchDispatchMode):
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not str(func).startswith(self.IGNORED):
+        if not str(func).startswith(self.IGNORED) and not _inside_triton_interpreter():
             self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
+def _inside_triton_interpreter() -> bool:
+    """Whether the op comes from Triton's interpreter running a kernel (its copies are a GPU kernel's loads and
+    stores, not ops of normlab's)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename.replace("\\", "/")
+        if "/triton/runtime/interpreter" in name:
+            return True
+        frame = frame.f_back
+    return False
+
+
 @pytest.mark.parametrize("layer", ["2d", "act"])
-def test_guarded_step_runs_only_the_kernel_op(triton_batch_norm, layer):
-    """No clone, sum, isfinite, where, copy_ or add_ around the kernel: the guard costs no launch of its own (the
-    unguarded step adds num_batches_tracked += 1, the guard around the reference clones the buffers)."""
+def test_guarded_step_runs_only_the_kernels(triton_batch_norm, layer):
+    """No clone, sum, isfinite, where, copy_ or add_ around the kernels: the guard costs no launch of its own (the
+    unguarded step adds num_batches_tracked += 1, the guard around the reference clones the buffers). In eager mode
+    the kernels run without their custom op (see normlab.kernels._triton_utils.traced): torch sees only the
+    allocations of their outputs and workspaces."""
     make, shape, channels_last = LAYERS[layer]
     x = _batch(shape, "finite", 0, channels_last)
     counted = {}
@@ -160,8 +175,10 @@ def test_guarded_step_runs_only_the_kernel_op(triton_batch_norm, layer):
         with kernels.use_backend(backend), _RecordOps() as record:
             bn(x)
         counted[name] = record.ops
-    assert counted["fused"] == ["normlab.batch_norm_train.default"]
-    assert counted["off"] == ["normlab.batch_norm_train.default", "aten.add_.Tensor"]
+    allocations = ("aten.empty.", "aten.empty_like.", "aten.empty_strided.")
+    launched = {name: [op for op in ops if not op.startswith(allocations)] for name, ops in counted.items()}
+    assert launched["fused"] == []
+    assert launched["off"] == ["aten.add_.Tensor"]
     assert "aten.clone.default" in counted["ref"]
 
 

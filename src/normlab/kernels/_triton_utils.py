@@ -7,6 +7,7 @@ machine without Triton.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -26,6 +27,13 @@ __all__ = [
     "output_like",
     "same_layout",
     "vector_arg",
+    "cdiv",
+    "next_power_of_2",
+    "sm_count",
+    "grads_as_params",
+    "unaliased",
+    "traced",
+    "eager_function",
     "activation",
     "activation_grad",
 ]
@@ -107,11 +115,13 @@ def flat(x: torch.Tensor) -> Flat:
 
     A tensor that is both (a size-1 dim makes both layouts match) is taken as contiguous, as torch does.
     """
-    n, c = x.shape[0], x.shape[1]
-    s = x[0, 0].numel() if x.dim() > 2 else 1
-    if not x.is_contiguous() and _channels_last(x):
-        return Flat(x, n, c, s, c * s, 1, c)
-    x = x.contiguous()
+    shape = x.shape
+    n, c = shape[0], shape[1]
+    s = math.prod(shape[2:])
+    if not x.is_contiguous():
+        if _channels_last(x):
+            return Flat(x, n, c, s, c * s, 1, c)
+        x = x.contiguous()
     return Flat(x, n, c, s, c * s, s, 1)
 
 
@@ -132,6 +142,88 @@ def same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def vector_arg(p: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
     """A per-channel parameter as the kernels read it (contiguous), or any tensor when it is None (not read then)."""
     return default if p is None else p.contiguous()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code (``triton.cdiv`` is a constexpr function: several times slower on the host)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1), for host code (see :func:`cdiv`)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def sm_count(device: torch.device, without_cuda: int) -> int:
+    """The multiprocessor count of a CUDA ``device`` (looked up once per GPU), else ``without_cuda`` (the
+    interpreter)."""
+    if device.type != "cuda":
+        return without_cuda
+    if device.index is None:  # the current GPU (never cached under a None key: it can change)
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    count = _SM_COUNTS.get(device.index)
+    if count is None:
+        count = _SM_COUNTS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return count
+
+
+def grads_as_params(sums: torch.Tensor, params) -> list[torch.Tensor | None]:
+    """Row i of ``sums`` (P, C) as the gradient of ``params[i]`` in that parameter's dtype (None where the parameter
+    is None), converting all rows with one launch where the parameters share a dtype."""
+    dtypes = {p.dtype for p in params if p is not None}
+    if len(dtypes) == 1:
+        dtype = dtypes.pop()
+        sums = sums if sums.dtype == dtype else sums.to(dtype)
+        return [None if p is None else sums[i] for i, p in enumerate(params)]
+    return [None if p is None else sums[i].to(p.dtype) for i, p in enumerate(params)]
+
+
+def unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` with a copy of each one that shares memory with an earlier one: a custom op's outputs may not
+    alias each other (e.g. rows of one :func:`grads_as_params` conversion)."""
+    seen, out = set(), []
+    for t in tensors:
+        key = t.untyped_storage().data_ptr() if t.numel() else None
+        out.append(t.clone() if key is not None and key in seen else t)
+        seen.add(key)
+    return out
+
+
+def traced(x: torch.Tensor) -> bool:
+    """Whether a kernel call on ``x`` must go through its ``torch.library`` custom op: under torch.compile (Dynamo's
+    tracing, or AOTAutograd's fake or functional tensors) and for any tensor subclass. Plain eager calls run the
+    op's implementation and autograd directly (:func:`eager_function`), which skips the dispatcher's per-call cost:
+    tens of microseconds per op, more than a kernel's GPU time at small shapes."""
+    return type(x) is not torch.Tensor or torch.compiler.is_compiling()
+
+
+def eager_function(name: str, forward, setup_context, backward) -> type[torch.autograd.Function]:
+    """A torch.autograd.Function computing what a custom op registered with
+    ``op.register_autograd(backward, setup_context=setup_context)`` computes, for eager calls (see :func:`traced`).
+
+    ``forward`` is the op's implementation; ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` are
+    the functions registered with the op, so both paths share one definition of the gradient.
+    """
+
+    # forward(ctx, ...) rather than a separate setup_context staticmethod: with the latter, every apply() binds the
+    # arguments through inspect.signature, which costs about as much as the rest of the call
+    def _forward(ctx, *args):
+        output = forward(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    def _backward(ctx, *grads):
+        return backward(ctx, *grads)
+
+    namespace = {
+        "forward": staticmethod(_forward),
+        "backward": staticmethod(_backward),
+        "__doc__": f"Eager autograd of {name} (normlab.kernels._triton_utils.eager_function).",
+    }
+    return type(name, (torch.autograd.Function,), namespace)
 
 
 @triton.jit

@@ -57,6 +57,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -64,7 +65,19 @@ import triton.language as tl
 
 from .. import functional as reference
 from ..functional._checks import check_batch_has_values
-from ._triton_utils import Flat, act_code, activation, activation_grad, check_kernel_input, flat
+from ._triton_utils import (
+    Flat,
+    act_code,
+    activation,
+    activation_grad,
+    cdiv,
+    check_kernel_input,
+    eager_function,
+    flat,
+    grads_as_params,
+    next_power_of_2,
+    traced,
+)
 
 __all__ = ["batch_norm", "frozen_batch_norm"]
 
@@ -407,53 +420,58 @@ def _grad_input_kernel(
 # -------------------------------------------------------------------------------------------- launch configs
 
 
+@functools.lru_cache(maxsize=4096)
 def _cl_reduce_config(p: int, c: int) -> tuple[tuple[int, int], dict]:
     """Grid and meta-parameters of a split reduction over the P rows of a (P, C) channels-contiguous input."""
-    block_c = min(triton.next_power_of_2(c), _MAX_BLOCK_C)
-    block_p = min(triton.next_power_of_2(p), max(1, _TILE // block_c))
-    c_blocks = triton.cdiv(c, block_c)
-    groups = max(1, min(triton.cdiv(_TARGET_PROGRAMS, c_blocks), triton.cdiv(p, block_p)))
-    rows = triton.cdiv(triton.cdiv(p, groups), block_p) * block_p
-    grid = (triton.cdiv(p, rows), c_blocks)
+    block_c = min(next_power_of_2(c), _MAX_BLOCK_C)
+    block_p = min(next_power_of_2(p), max(1, _TILE // block_c))
+    c_blocks = cdiv(c, block_c)
+    groups = max(1, min(cdiv(_TARGET_PROGRAMS, c_blocks), cdiv(p, block_p)))
+    rows = cdiv(cdiv(p, groups), block_p) * block_p
+    grid = (cdiv(p, rows), c_blocks)
     return grid, {"ROWS_PER_PROG": rows, "BLOCK_P": block_p, "BLOCK_C": block_c, "num_warps": _NUM_WARPS}
 
 
+@functools.lru_cache(maxsize=4096)
 def _nchw_reduce_config(n: int, c: int, s: int) -> tuple[tuple[int, int], dict]:
     """Grid (channel, split) and meta-parameters of a split reduction over (N, S) of an (N, C, S) input: samples
     are split first, positions too when N * C alone gives too few programs."""
-    block_s = min(triton.next_power_of_2(s), _MAX_BLOCK_S)
-    block_n = min(triton.next_power_of_2(n), max(1, _TILE // block_s))
-    groups_n = max(1, min(triton.cdiv(_TARGET_PROGRAMS, c), triton.cdiv(n, block_n)))
-    n_per = triton.cdiv(triton.cdiv(n, groups_n), block_n) * block_n
-    groups_n = triton.cdiv(n, n_per)
-    groups_s = max(1, min(triton.cdiv(_TARGET_PROGRAMS, c * groups_n), triton.cdiv(s, block_s)))
-    s_per = triton.cdiv(triton.cdiv(s, groups_s), block_s) * block_s
-    groups_s = triton.cdiv(s, s_per)
+    block_s = min(next_power_of_2(s), _MAX_BLOCK_S)
+    block_n = min(next_power_of_2(n), max(1, _TILE // block_s))
+    groups_n = max(1, min(cdiv(_TARGET_PROGRAMS, c), cdiv(n, block_n)))
+    n_per = cdiv(cdiv(n, groups_n), block_n) * block_n
+    groups_n = cdiv(n, n_per)
+    groups_s = max(1, min(cdiv(_TARGET_PROGRAMS, c * groups_n), cdiv(s, block_s)))
+    s_per = cdiv(cdiv(s, groups_s), block_s) * block_s
+    groups_s = cdiv(s, s_per)
     meta = {"N_PER_PROG": n_per, "S_PER_PROG": s_per, "GROUPS_S": groups_s, "BLOCK_N": block_n, "BLOCK_S": block_s}
     return (c, groups_n * groups_s), {**meta, "num_warps": _NUM_WARPS}
 
 
+@functools.lru_cache(maxsize=4096)
 def _merge_config(groups: int, c: int) -> tuple[tuple[int], dict]:
     """Grid and meta-parameters of the merge of ``groups`` partials per channel."""
-    block_c = min(triton.next_power_of_2(c), _MAX_BLOCK_C)
-    block_g = min(triton.next_power_of_2(groups), max(1, _TILE // block_c))
-    return (triton.cdiv(c, block_c),), {"BLOCK_G": block_g, "BLOCK_C": block_c, "num_warps": _NUM_WARPS}
+    block_c = min(next_power_of_2(c), _MAX_BLOCK_C)
+    block_g = min(next_power_of_2(groups), max(1, _TILE // block_c))
+    return (cdiv(c, block_c),), {"BLOCK_G": block_g, "BLOCK_C": block_c, "num_warps": _NUM_WARPS}
 
 
+@functools.lru_cache(maxsize=4096)
 def _commit_block(c: int) -> int:
     """Channels per loop step of the guard's single-program commit (``_commit_if_finite``)."""
-    return min(triton.next_power_of_2(c), _MAX_BLOCK_COMMIT)
+    return min(next_power_of_2(c), _MAX_BLOCK_COMMIT)
 
 
+@functools.lru_cache(maxsize=4096)
 def _elementwise_config(a: int, b: int) -> tuple[tuple[int, int], dict]:
     """Grid and meta-parameters of an elementwise pass over an (A, B) input with B contiguous."""
-    block_b = min(triton.next_power_of_2(b), _MAX_BLOCK_S)
-    block_a = min(triton.next_power_of_2(a), max(1, _TILE // block_b))
+    block_b = min(next_power_of_2(b), _MAX_BLOCK_S)
+    block_a = min(next_power_of_2(a), max(1, _TILE // block_b))
     # short rows (few positions, NCHW) make tiles of many rows, each with its own channel parameters: 8 warps keep
     # the per-thread share of those below the register limit (4 warps spilled at (32, 2048, 7, 7) bf16 on sm_90)
     warps = max(8, _NUM_WARPS) if block_b < 128 and block_a * block_b >= _TILE else _NUM_WARPS
     meta = {"BLOCK_A": block_a, "BLOCK_B": block_b, "num_warps": warps}
-    return (triton.cdiv(a, block_a), triton.cdiv(b, block_b)), meta
+    return (cdiv(a, block_a), cdiv(b, block_b)), meta
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -489,10 +507,12 @@ def _launch_stats(f: Flat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x, acc = f.tensor, _acc(f.tensor.dtype)
     if f.stride_c == 1:
         grid, meta = _cl_reduce_config(f.n * f.s, f.c)
+        meta = dict(meta)  # a copy: the config is cached
         args = (f.n * f.s, f.c, meta.pop("ROWS_PER_PROG"))
         kernel = _stats_cl_kernel
     else:
         grid, meta = _nchw_reduce_config(f.n, f.c, f.s)
+        meta = dict(meta)  # a copy: the config is cached
         args = (f.n, f.c, f.s, meta.pop("N_PER_PROG"), meta.pop("S_PER_PROG"), meta.pop("GROUPS_S"))
         kernel = _stats_nchw_kernel
     groups = grid[0] if f.stride_c == 1 else grid[1]
@@ -556,11 +576,13 @@ def _launch_grad_sums(dy, x, mean, inv, weight, bias, eps: float, act: int, batc
     acc = _acc(x.dtype)
     if f.stride_c == 1:
         grid, meta = _cl_reduce_config(f.n * f.s, f.c)
+        meta = dict(meta)  # a copy: the config is cached
         groups = grid[0]
         args = (f.n * f.s, f.c, groups, meta.pop("ROWS_PER_PROG"))
         kernel = _grad_sums_cl_kernel
     else:
         grid, meta = _nchw_reduce_config(f.n, f.c, f.s)
+        meta = dict(meta)  # a copy: the config is cached
         groups = grid[1]
         args = (f.n, f.c, f.s, groups, meta.pop("N_PER_PROG"), meta.pop("S_PER_PROG"), meta.pop("GROUPS_S"))
         kernel = _grad_sums_nchw_kernel
@@ -640,6 +662,10 @@ def _batch_norm_affine(
     act: int,
 ) -> torch.Tensor:
     """act((x - mean) / sqrt(var + eps) * weight + bias) with fixed per-channel statistics."""
+    return _affine_forward(x, mean, var, weight, bias, eps, act)
+
+
+def _affine_forward(x, mean, var, weight, bias, eps, act):
     y = torch.empty_like(x)
     if x.numel() > 0:
         with _device(x):
@@ -677,8 +703,7 @@ def _(dy, x, mean, inv, weight, bias, eps, act, batch_stats, param_grads):
 
 
 def _param_grads(sums: torch.Tensor, weight, bias, needs_weight: bool, needs_bias: bool):
-    dweight = sums[1].to(weight.dtype) if needs_weight else None
-    dbias = sums[0].to(bias.dtype) if needs_bias else None
+    dbias, dweight = grads_as_params(sums, (bias if needs_bias else None, weight if needs_weight else None))
     return dweight, dbias
 
 
@@ -691,11 +716,18 @@ def _affine_setup_context(ctx, inputs, output):
 def _affine_backward(ctx, dy):
     x, mean, var, weight, bias = ctx.saved_tensors
     needs_weight, needs_bias = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-    dx, sums = _batch_norm_backward(dy, x, mean, var, weight, bias, ctx.eps, ctx.act, False, needs_weight or needs_bias)
+    backward = _batch_norm_backward if traced(dy) else _backward
+    dx, sums = backward(dy, x, mean, var, weight, bias, ctx.eps, ctx.act, False, needs_weight or needs_bias)
     return (dx, None, None, *_param_grads(sums, weight, bias, needs_weight, needs_bias), None, None)
 
 
 _batch_norm_affine.register_autograd(_affine_backward, setup_context=_affine_setup_context)
+_BatchNormAffine = eager_function("_BatchNormAffine", _affine_forward, _affine_setup_context, _affine_backward)
+
+
+def _affine(x, mean, var, weight, bias, eps: float, act: int) -> torch.Tensor:
+    """``normlab::batch_norm_affine`` with its autograd: the custom op where traced, else its eager Function."""
+    return (_batch_norm_affine if traced(x) else _BatchNormAffine.apply)(x, mean, var, weight, bias, eps, act)
 
 
 class _BatchNormTrain(torch.autograd.Function):
@@ -705,9 +737,8 @@ class _BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, tracked, nonfinite, momentum, eps, act):
-        y, mean, rstd = _batch_norm_train(
-            x, weight, bias, running_mean, running_var, tracked, nonfinite, momentum, eps, act
-        )
+        train = _batch_norm_train if traced(x) else _train_forward
+        y, mean, rstd = train(x, weight, bias, running_mean, running_var, tracked, nonfinite, momentum, eps, act)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.eps, ctx.act = eps, act
         return y
@@ -716,7 +747,8 @@ class _BatchNormTrain(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         needs_weight, needs_bias = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        dx, sums = _batch_norm_backward(dy, x, mean, rstd, weight, bias, ctx.eps, ctx.act, True, True)
+        backward = _batch_norm_backward if traced(dy) else _backward
+        dx, sums = backward(dy, x, mean, rstd, weight, bias, ctx.eps, ctx.act, True, True)
         dx = dx if ctx.needs_input_grad[0] else None
         return (dx, *_param_grads(sums, weight, bias, needs_weight, needs_bias), *(None,) * 7)
 
@@ -842,7 +874,7 @@ def batch_norm(
         return _BatchNormTrain.apply(x, weight, bias, running_mean, running_var, *counters, momentum, float(eps), code)
     if running_var is None:
         raise ValueError("batch_norm: running_mean is given but running_var=None; pass both or neither")
-    return _batch_norm_affine(x, running_mean, running_var, weight, bias, float(eps), code)
+    return _affine(x, running_mean, running_var, weight, bias, float(eps), code)
 
 
 def frozen_batch_norm(
@@ -889,4 +921,4 @@ def frozen_batch_norm(
     check_kernel_input(
         "frozen_batch_norm", x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
-    return _batch_norm_affine(flat(x).tensor, running_mean, running_var, weight, bias, float(eps), code)
+    return _affine(flat(x).tensor, running_mean, running_var, weight, bias, float(eps), code)

@@ -55,10 +55,17 @@ from ._triton_utils import (
     act_code,
     activation,
     activation_grad,
+    cdiv,
     check_kernel_input,
+    eager_function,
     flat,
+    grads_as_params,
+    next_power_of_2,
     output_like,
     same_layout,
+    sm_count,
+    traced,
+    unaliased,
     vector_arg,
 )
 
@@ -85,7 +92,7 @@ class _Launch(NamedTuple):
 
     @property
     def tiles(self) -> int:
-        return self.n * triton.cdiv(self.s, self.block_s)
+        return self.n * cdiv(self.s, self.block_s)
 
 
 def _launch(f: Flat) -> _Launch:
@@ -93,19 +100,19 @@ def _launch(f: Flat) -> _Launch:
     positions, so a tile never stops at a sample boundary."""
     if f.stride_c == 1:
         n, s, stride_n, stride_s = 1, f.n * f.s, 0, f.c
-        block_c = min(triton.next_power_of_2(f.c), _MAX_BLOCK_C_ROWS)
-        block_s = max(1, min(_TILE // block_c, triton.next_power_of_2(s)))
+        block_c = min(next_power_of_2(f.c), _MAX_BLOCK_C_ROWS)
+        block_s = max(1, min(_TILE // block_c, next_power_of_2(s)))
     else:
         n, s, stride_n, stride_s = f.n, f.s, f.stride_n, f.stride_s
-        block_c = min(triton.next_power_of_2(f.c), _MAX_BLOCK_C_STRIDED)
+        block_c = min(next_power_of_2(f.c), _MAX_BLOCK_C_STRIDED)
         low, high = _BLOCK_S_STRIDED
-        block_s = min(max(_TILE // block_c, low), high, triton.next_power_of_2(s))
+        block_s = min(max(_TILE // block_c, low), high, next_power_of_2(s))
     num_warps = min(8, max(1, block_s * block_c // 512))
     return _Launch(n, s, stride_n, stride_s, block_s, block_c, num_warps)
 
 
 def _backward_programs(tiles: int, device: torch.device) -> int:
-    units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    units = sm_count(device, 1)
     return max(1, min(tiles, _PROGRAMS_PER_SM * units))
 
 
@@ -357,6 +364,10 @@ def _channel_norm_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd): mean and rstd per position (N * S,) in the accumulation dtype; mean is empty without
     ``center``."""
+    return _fwd_impl(x, weight, bias, eps, center, act)
+
+
+def _fwd_impl(x, weight, bias, eps, center, act):
     y, mean, rstd = _fwd_outputs(x, center)
     if x.numel() == 0:
         return y, mean, rstd
@@ -405,6 +416,10 @@ def _channel_norm_bwd(
     act: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias); a parameter gradient is empty when the parameter is None."""
+    return tuple(unaliased(_bwd_impl(dy, x, weight, bias, mean, rstd, center, act)))
+
+
+def _bwd_impl(dy, x, weight, bias, mean, rstd, center, act):
     dx = output_like(x)
     if x.numel() == 0:
         zero = [x.new_zeros(0) if p is None else torch.zeros_like(p) for p in (weight, bias)]
@@ -440,8 +455,9 @@ def _channel_norm_bwd(
         SINGLE=single,
         num_warps=launch.num_warps,
     )
-    dweight = _empty_param_grad(weight, x) if weight is None else partial[0].sum(dim=0).to(weight.dtype)
-    dbias = _empty_param_grad(bias, x) if bias is None else partial[1].sum(dim=0).to(bias.dtype)
+    dweight, dbias = grads_as_params(partial.sum(dim=1), (weight, bias))
+    dweight = _empty_param_grad(weight, x) if weight is None else dweight
+    dbias = _empty_param_grad(bias, x) if bias is None else dbias
     return dx, dweight, dbias
 
 
@@ -454,17 +470,25 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, _eps, center, act = inputs
     _y, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients (two launches) for the statistics
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.center, ctx.act = center, act
 
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = _channel_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.center, ctx.act)
+    backward = _channel_norm_bwd if traced(dy) else _bwd_impl
+    dx, dweight, dbias = backward(dy, x, weight, bias, mean, rstd, ctx.center, ctx.act)
     return dx, None if weight is None else dweight, None if bias is None else dbias, None, None, None
 
 
 _channel_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_ChannelNorm = eager_function("_ChannelNorm", _fwd_impl, _setup_context, _backward)
+
+
+def _channel_norm(x, weight, bias, eps: float, center: bool, act: int) -> torch.Tensor:
+    """The normalized output: ``normlab::channel_norm_fwd`` where traced, else its eager Function."""
+    return (_channel_norm_fwd if traced(x) else _ChannelNorm.apply)(x, weight, bias, eps, center, act)[0]
 
 
 # ---- public functions -----------------------------------------------------------------------------------------
@@ -509,7 +533,7 @@ def layer_norm2d(
     """
     code = act_code("layer_norm2d", act)
     check_kernel_input("layer_norm2d", x, weight=weight, bias=bias)
-    return _channel_norm_fwd(x, weight, bias, eps, True, code)[0]
+    return _channel_norm(x, weight, bias, eps, True, code)
 
 
 def rms_norm2d(
@@ -545,4 +569,4 @@ def rms_norm2d(
     """
     code = act_code("rms_norm2d", act)
     check_kernel_input("rms_norm2d", x, weight=weight)
-    return _channel_norm_fwd(x, weight, None, eps, False, code)[0]
+    return _channel_norm(x, weight, None, eps, False, code)

@@ -51,7 +51,21 @@ import triton.language as tl
 
 from ..functional._checks import check_input
 from ..functional._stats import accumulation_dtype
-from ._triton_utils import Flat, check_kernel_input, flat, output_like, same_layout, vector_arg
+from ._triton_utils import (
+    Flat,
+    cdiv,
+    check_kernel_input,
+    eager_function,
+    flat,
+    grads_as_params,
+    next_power_of_2,
+    output_like,
+    same_layout,
+    sm_count,
+    traced,
+    unaliased,
+    vector_arg,
+)
 
 __all__ = ["filter_response_norm"]
 
@@ -79,17 +93,17 @@ class _Launch(NamedTuple):
 
 def _launch(f: Flat, device: torch.device) -> _Launch:
     if f.channels_last:
-        block_c = min(triton.next_power_of_2(f.c), _MAX_BLOCK_C_CHANNELS_LAST)
-        block_s = max(1, min(_TILE // block_c, triton.next_power_of_2(f.s)))
+        block_c = min(next_power_of_2(f.c), _MAX_BLOCK_C_CHANNELS_LAST)
+        block_s = max(1, min(_TILE // block_c, next_power_of_2(f.s)))
     else:
-        block_s = min(triton.next_power_of_2(f.s), _MAX_BLOCK_S)
-        block_c = max(1, min(_TILE // block_s, triton.next_power_of_2(f.c)))
-    c_blocks = triton.cdiv(f.c, block_c)
-    s_blocks = triton.cdiv(f.s, block_s)
-    units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    split = min(s_blocks, max(1, triton.cdiv(_PROGRAMS_PER_SM * units, f.n * c_blocks)))
-    blocks_per_split = triton.cdiv(s_blocks, split)
-    split = triton.cdiv(s_blocks, blocks_per_split)
+        block_s = min(next_power_of_2(f.s), _MAX_BLOCK_S)
+        block_c = max(1, min(_TILE // block_s, next_power_of_2(f.c)))
+    c_blocks = cdiv(f.c, block_c)
+    s_blocks = cdiv(f.s, block_s)
+    units = sm_count(device, 1)
+    split = min(s_blocks, max(1, cdiv(_PROGRAMS_PER_SM * units, f.n * c_blocks)))
+    blocks_per_split = cdiv(s_blocks, split)
+    split = cdiv(s_blocks, blocks_per_split)
     num_warps = min(8, max(1, block_s * block_c // 512))
     return _Launch(block_s, block_c, c_blocks, split, blocks_per_split, num_warps)
 
@@ -358,6 +372,10 @@ def _frn_fwd(
     learned_eps: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, rstd) with rstd = 1 / sqrt(nu2 + eps + |learned_eps|) per (n, c)."""
+    return _fwd_impl(x, weight, bias, tau, eps, learned_eps)
+
+
+def _fwd_impl(x, weight, bias, tau, eps, learned_eps):
     y, rstd = _fwd_outputs(x)
     if x.numel() == 0:
         return y, rstd
@@ -413,6 +431,10 @@ def _frn_bwd(
     rstd: torch.Tensor,
 ) -> list[torch.Tensor]:
     """[dx, dweight, dbias, dtau, dlearned_eps]; the gradient of a None parameter is an empty tensor."""
+    return unaliased(_bwd_impl(dy, x, weight, bias, tau, learned_eps, rstd))
+
+
+def _bwd_impl(dy, x, weight, bias, tau, learned_eps, rstd):
     dx = output_like(x)
     acc = accumulation_dtype(x.dtype)
     f = None if x.numel() == 0 else flat(x)
@@ -460,10 +482,10 @@ def _frn_bwd(
                 **flags,
                 **blocks,
             )
-    sum_dz_xhat, sum_dz, sum_dtau = sums.unbind(0)
+    sum_dz_xhat = sums[0]
     grads = [dx]
-    for p, per_sample in ((weight, sum_dz_xhat), (bias, sum_dz), (tau, sum_dtau)):
-        grads.append(x.new_empty(0) if p is None else per_sample.sum(dim=0).to(p.dtype))
+    for p, grad in zip((weight, bias, tau), grads_as_params(sums.sum(dim=1), (weight, bias, tau))):
+        grads.append(x.new_empty(0) if p is None else grad)
     if learned_eps is None:
         grads.append(x.new_empty(0))
     else:
@@ -484,12 +506,14 @@ def _(dy, x, weight, bias, tau, learned_eps, rstd):
 def _setup_context(ctx, inputs, output):
     x, weight, bias, tau, _eps, learned_eps = inputs
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient (a launch) for the statistics
     ctx.save_for_backward(x, weight, bias, tau, learned_eps, output[1])
 
 
 def _backward(ctx, dy, _drstd):
     x, weight, bias, tau, learned_eps, rstd = ctx.saved_tensors
-    dx, *param_grads = _frn_bwd(dy, x, weight, bias, tau, learned_eps, rstd)
+    backward = _frn_bwd if traced(dy) else _bwd_impl
+    dx, *param_grads = backward(dy, x, weight, bias, tau, learned_eps, rstd)
     dweight, dbias, dtau, dlearned_eps = (
         None if p is None else g for p, g in zip((weight, bias, tau, learned_eps), param_grads)
     )
@@ -497,6 +521,7 @@ def _backward(ctx, dy, _drstd):
 
 
 _frn_fwd.register_autograd(_backward, setup_context=_setup_context)
+_FilterResponseNorm = eager_function("_FilterResponseNorm", _fwd_impl, _setup_context, _backward)
 
 
 # ---- public function ------------------------------------------------------------------------------------------
@@ -542,4 +567,5 @@ def filter_response_norm(
     """
     check_input("filter_response_norm", x, (3, 4, 5), None)
     check_kernel_input("filter_response_norm", x, weight=weight, bias=bias, tau=tau, learned_eps=learned_eps)
-    return _frn_fwd(x, weight, bias, tau, eps, learned_eps)[0]
+    fwd = _frn_fwd if traced(x) else _FilterResponseNorm.apply
+    return fwd(x, weight, bias, tau, eps, learned_eps)[0]

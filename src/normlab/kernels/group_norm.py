@@ -58,7 +58,19 @@ import triton.language as tl
 from ..functional._checks import check_divides, check_input, check_positive_int, check_spatial_has_values
 from ..functional._stats import accumulation_dtype
 from ..functional.batch_norm import update_running_stats
-from ._triton_utils import act_code, activation, activation_grad, check_kernel_input, flat
+from ._triton_utils import (
+    act_code,
+    activation,
+    activation_grad,
+    cdiv,
+    check_kernel_input,
+    eager_function,
+    flat,
+    grads_as_params,
+    next_power_of_2,
+    sm_count,
+    traced,
+)
 
 __all__ = ["Blocks", "blocks", "group_norm", "instance_norm", "layer_norm", "rms_norm", "evonorm_s0"]
 
@@ -100,10 +112,11 @@ class Blocks:
     num_warps: int
 
 
+@functools.lru_cache(maxsize=4096)
 def blocks(n: int, groups: int, group_size: int, positions: int, channels_last: bool, sm_count: int) -> Blocks:
     """The :class:`Blocks` for an input of n samples, ``groups`` groups of ``group_size`` channels and ``positions``
     positions per channel. Tests replace this function to force loops and splits on small shapes."""
-    np2 = triton.next_power_of_2
+    np2 = next_power_of_2
     block_cg = min(np2(group_size), _TILE)
     if channels_last:
         block_g = min(np2(groups), max(1, _TILE_CHANNELS // block_cg))
@@ -112,26 +125,24 @@ def blocks(n: int, groups: int, group_size: int, positions: int, channels_last: 
         block_s = min(np2(positions), _TILE_POSITIONS)
         block_cg = min(block_cg, max(1, _TILE // block_s))
         block_g = min(np2(groups), max(1, _TILE // (block_s * block_cg)))
-    tiles = triton.cdiv(positions, block_s)
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * sm_count, n * triton.cdiv(groups, block_g))
+    tiles = cdiv(positions, block_s)
+    wanted = cdiv(_PROGRAMS_PER_SM * sm_count, n * cdiv(groups, block_g))
     span = max(1, tiles // wanted) * block_s
-    return Blocks(block_s, block_g, block_cg, triton.cdiv(positions, span), span, _NUM_WARPS)
+    return Blocks(block_s, block_g, block_cg, cdiv(positions, span), span, _NUM_WARPS)
 
 
+@functools.lru_cache(maxsize=4096)
 def _stage2_blocks(splits: int, groups: int, group_size: int) -> tuple[int, int, int]:
     """(block_k, block_g, block_cg) of the kernels that reduce the per-split partials (split x group x channel)."""
-    np2 = triton.next_power_of_2
+    np2 = next_power_of_2
     block_cg = min(np2(group_size), _STAGE2_CHANNELS)
     block_g = min(np2(groups), max(1, _STAGE2_CHANNELS // block_cg))
     block_k = min(np2(splits), max(1, _STAGE2_TILE // (block_g * block_cg)))
     return block_k, block_g, block_cg
 
 
-@functools.lru_cache
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNT_WITHOUT_CUDA
+    return sm_count(device, _SM_COUNT_WITHOUT_CUDA)
 
 
 # ---- Triton helpers -----------------------------------------------------------------------------------------------
@@ -553,12 +564,14 @@ def _forward(
     if mean_in is not None:
         mean, var = mean_in.to(acc, copy=True).reshape(1, g), var_in.to(acc, copy=True).reshape(1, g)
     else:
-        mean = torch.full((f.n, g), math.nan, dtype=acc, device=x.device)
-        var = torch.full_like(mean, math.nan)
+        mean = torch.empty((f.n, g), dtype=acc, device=x.device)
+        var = torch.empty_like(mean)
     if x.numel() == 0:
+        if mean_in is None:  # no values: undefined statistics, as torch gives
+            mean.fill_(math.nan), var.fill_(math.nan)
         return y, mean, var
     cfg = _config(f, g, x.device)
-    grid = (f.n * cfg.splits, triton.cdiv(g, cfg.block_g))
+    grid = (f.n * cfg.splits, cdiv(g, cfg.block_g))
     tiles = dict(BLOCK_S=cfg.block_s, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, num_warps=cfg.num_warps)
     layout = dict(CG=cg, CHANNELS_LAST=f.channels_last)
     rms = not center and v is None
@@ -572,7 +585,7 @@ def _forward(
         )  # fmt: skip
         if not final:
             block_k, block_g, _ = _stage2_blocks(cfg.splits, g, 1)
-            _merge_stats_kernel[(f.n, triton.cdiv(g, block_g))](
+            _merge_stats_kernel[(f.n, cdiv(g, block_g))](
                 part[0], part[1], mean, var, f.s, g, cfg.splits, cfg.span,
                 CG=cg, RMS=rms, BLOCK_K=block_k, BLOCK_G=block_g, num_warps=4,
             )  # fmt: skip
@@ -611,7 +624,7 @@ def _backward(
     if x.numel() == 0:
         return dx, torch.zeros((parts, f.c), dtype=acc, device=x.device)
     cfg = _config(f, g, x.device)
-    grid = (f.n * cfg.splits, triton.cdiv(g, cfg.block_g))
+    grid = (f.n * cfg.splits, cdiv(g, cfg.block_g))
     tiles = dict(BLOCK_S=cfg.block_s, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, num_warps=cfg.num_warps)
     flags = dict(
         CG=cg, CHANNELS_LAST=f.channels_last, HAS_W=weight is not None, HAS_B=bias is not None, GATE=v is not None
@@ -626,7 +639,7 @@ def _backward(
     if stats_grad:
         c1, c2 = torch.empty((f.n, g), dtype=acc, device=x.device), torch.empty((f.n, g), dtype=acc, device=x.device)
         block_k, block_g, block_cg = _stage2_blocks(cfg.splits, g, cg)
-        _bwd_group_sums_kernel[(f.n, triton.cdiv(g, block_g))](
+        _bwd_group_sums_kernel[(f.n, cdiv(g, block_g))](
             part, weight, c1, c2, part.stride(0), f.c, g, cfg.splits, 1.0 / (cg * f.s),
             CG=cg, HAS_W=weight is not None, BLOCK_K=block_k, BLOCK_G=block_g, BLOCK_CG=block_cg, num_warps=4,
         )  # fmt: skip
@@ -693,22 +706,21 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, v, mean_in, _, num_groups, eps, center, act = inputs
     _, mean, var = output
     ctx.mark_non_differentiable(mean, var)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients (two launches) for the statistics
     ctx.save_for_backward(x, weight, bias, v, mean, var)
     ctx.args = (num_groups, eps, center, act, mean_in is None)
 
 
-def _param_grad(grad: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor | None:
-    return None if param is None else grad.to(param.dtype)
-
-
 def _autograd_backward(ctx, dy, _dmean, _dvar):
     x, weight, bias, v, mean, var = ctx.saved_tensors
-    dx, grads = _group_stats_norm_backward(dy, x, weight, bias, v, mean, var, *ctx.args)
-    dv = None if v is None else grads[2].to(v.dtype)
-    return dx, _param_grad(grads[0], weight), _param_grad(grads[1], bias), dv, None, None, None, None, None, None
+    backward = _group_stats_norm_backward if traced(dy) else _backward
+    dx, grads = backward(dy, x, weight, bias, v, mean, var, *ctx.args)
+    dweight, dbias, dv = grads_as_params(grads, (weight, bias, v))
+    return dx, dweight, dbias, dv, None, None, None, None, None, None
 
 
 _group_stats_norm.register_autograd(_autograd_backward, setup_context=_setup_context)
+_GroupStatsNorm = eager_function("_GroupStatsNorm", _forward, _setup_context, _autograd_backward)
 
 
 # ---- public functions ---------------------------------------------------------------------------------------------
@@ -731,7 +743,9 @@ def _normalize(
     check_kernel_input(owner, x, weight=weight, bias=bias, v=v)
     weight, bias, v = (None if p is None else p.contiguous() for p in (weight, bias, v))
     mean_in, var_in = (None, None) if running is None else running
-    return _group_stats_norm(flat(x).tensor, weight, bias, v, mean_in, var_in, num_groups, float(eps), center, code)
+    x = flat(x).tensor
+    op = _group_stats_norm if traced(x) else _GroupStatsNorm.apply
+    return op(x, weight, bias, v, mean_in, var_in, num_groups, float(eps), center, code)
 
 
 def group_norm(

@@ -103,6 +103,12 @@ KERNEL_COLUMNS = [
     "compile_bw_frac",
     "speedup_vs_eager",
     "speedup_vs_compile",
+    "normlab_graph_ms",
+    "eager_graph_ms",
+    "graph_speedup_vs_eager",
+    "normlab_graph_bw_frac",
+    "normlab_graph_status",
+    "eager_graph_status",
     "normlab_status",
     "eager_status",
     "compile_status",
@@ -133,6 +139,7 @@ RESNET_COLUMNS = [
 TARGET_COLUMNS = ["config", "ratio", "numerator_ms", "denominator_ms", "value", "target", "met", *ENV_COLUMNS]
 
 _IMPLS = ("normlab", "eager", "compile")
+_GRAPH_IMPLS = ("normlab", "eager")  # also timed as CUDA-graph replays: the GPU's time without the host's
 _PASSES = ("fwd", "fwd+bwd")
 _TRAFFIC = {"fwd": 2, "fwd+bwd": 5}
 _DTYPES = {
@@ -423,6 +430,19 @@ def _cuda_timer(smoke: bool) -> Timer:
     return time_ms
 
 
+def _cuda_graph_timer() -> Timer:
+    """Median time of ``fn`` replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``: many calls unrolled
+    in one graph, no L2 flush between them): the GPU's time, without the host's launch and Python overhead."""
+    from triton.testing import do_bench_cudagraph
+
+    def time_ms(fn):
+        fn()
+        torch.cuda.synchronize()
+        return float(do_bench_cudagraph(fn, rep=20, return_mode="median"))
+
+    return time_ms
+
+
 def _cuda_event_median(fn, reps: int) -> float:
     """Median of CUDA-event timings (used only where Triton, hence do_bench, is missing)."""
     samples = []
@@ -511,7 +531,9 @@ def _time_passes(module: nn.Module, x, grad, *, backend: str, compiled: bool, ti
     return out
 
 
-def _measure_case(case: _Case, device, *, backend: str, compiled: bool, timer: Timer) -> dict:
+def _measure_case(
+    case: _Case, device, *, backend: str, compiled: bool, timer: Timer, graph_timer: Timer | None = None
+) -> dict:
     """``{impl: {pass: (ms, status)}}`` of one case."""
     op = KERNEL_OPS[case.op]
     channels = case.shape[1]
@@ -534,6 +556,16 @@ def _measure_case(case: _Case, device, *, backend: str, compiled: bool, timer: T
         results["compile"] = _time_passes(module, x, grad, backend=baseline_backend, compiled=True, timer=timer)
     else:
         results["compile"] = {p: (None, "skipped") for p in _PASSES}
+    for impl in _GRAPH_IMPLS:
+        results[f"{impl}_graph"] = {p: (None, "skipped") for p in _PASSES}
+    if graph_timer is not None:
+        if why is None:
+            module = op.normlab(channels).to(device=device, dtype=case.dtype).train()
+            results["normlab_graph"] = _time_passes(module, x, grad, backend=backend, compiled=False, timer=graph_timer)
+        module = build(channels).to(device=device, dtype=case.dtype).train()
+        results["eager_graph"] = _time_passes(
+            module, x, grad, backend=baseline_backend, compiled=False, timer=graph_timer
+        )
     del x, grad
     _free(device)
     return results
@@ -567,6 +599,12 @@ def _kernel_rows(case: _Case, results: dict, *, backend: str, copy_gbps: float, 
         row["speedup_vs_eager"] = ms["eager"] / ours if ours and ms["eager"] else None
         row["speedup_vs_compile"] = ms["compile"] / ours if ours and ms["compile"] else None
         row.update({f"{impl}_status": results[impl][pass_][1] for impl in _IMPLS})
+        graph = {impl: results[f"{impl}_graph"][pass_] for impl in _GRAPH_IMPLS}
+        ours_graph, theirs_graph = graph["normlab"][0], graph["eager"][0]
+        row["normlab_graph_ms"], row["eager_graph_ms"] = ours_graph, theirs_graph
+        row["graph_speedup_vs_eager"] = theirs_graph / ours_graph if ours_graph and theirs_graph else None
+        row["normlab_graph_bw_frac"] = traffic / (ours_graph * 1e6) / copy_gbps if ours_graph else None
+        row.update({f"{impl}_graph_status": graph[impl][1] for impl in _GRAPH_IMPLS})
         row["copy_gbps"] = copy_gbps
         row.update(env)
         rows.append(row)
@@ -618,6 +656,7 @@ def bench_kernels(
     compile: str = "all",
     smoke: bool = False,
     backend: str | None = None,
+    graph: bool = True,
     echo: Callable[[str], None] = print,
 ) -> list[dict]:
     """Time every op at every shape, dtype and layout for normlab, torch eager and torch.compile; write ``out`` (CSV).
@@ -634,6 +673,8 @@ def bench_kernels(
             cases ``"bf16-cl"`` (each compile takes seconds), or ``"none"``.
         smoke: tiny shapes and few repetitions (the only mode without CUDA).
         backend: normlab's backend (default: triton on CUDA or under ``TRITON_INTERPRET=1``, else reference).
+        graph: on CUDA, also time normlab and torch eager as CUDA-graph replays (columns ``*_graph_*``): the GPU's
+            time without the host's launch and Python overhead.
         echo: where the table goes.
 
     Returns:
@@ -668,6 +709,7 @@ def bench_kernels(
     device, backend = _resolve_device_and_backend(owner, smoke, backend)
 
     timer = _cuda_timer(smoke) if device.type == "cuda" else _cpu_timer(reps=2)
+    graph_timer = _cuda_graph_timer() if graph and device.type == "cuda" else None
     copy_numel = (1 << 20) if smoke else (1 << 28)  # 4 MiB / 1 GiB of float32
     copy_gbps = copy_bandwidth_gbps(device, timer, copy_numel)
     _free(device)
@@ -684,7 +726,9 @@ def bench_kernels(
             compiled = compile == "all" or (
                 compile == "bf16-cl" and case.dtype == torch.bfloat16 and case.layout in ("channels_last", "rows")
             )
-            results = _measure_case(case, device, backend=backend, compiled=compiled, timer=timer)
+            results = _measure_case(
+                case, device, backend=backend, compiled=compiled, timer=timer, graph_timer=graph_timer
+            )
             for row in _kernel_rows(case, results, backend=backend, copy_gbps=copy_gbps, env=env):
                 sink.write(row)
                 all_rows.append(row)
@@ -1044,6 +1088,7 @@ def _bench_kernels_command(args: argparse.Namespace) -> int:
             compile=args.compile,
             smoke=args.smoke,
             backend=args.backend,
+            graph=not args.no_graph,
         )
     except (ValueError, RuntimeError) as err:
         print(f"normlab: error: {err}", file=sys.stderr)
@@ -1112,6 +1157,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         metavar="SCOPE",
         help="where to time torch.compile: all (default), bf16-cl (bfloat16 channels-last and rows only: each "
         "compile takes seconds), none",
+    )
+    k.add_argument(
+        "--no-graph",
+        action="store_true",
+        help="skip the CUDA-graph timings of normlab and torch eager (the GPU's time without host overhead)",
     )
     k.set_defaults(func=_bench_kernels_command)
 

@@ -144,9 +144,12 @@ class _BatchNorm(RunningStatsNormBase):
 
     def _check_nonfinite(self, x: torch.Tensor) -> None:
         """Warn once if a batch was counted as non-finite: on the CPU right away, on accelerators (where reading the
-        counter synchronizes with the device) every ``_GUARD_CHECK_EVERY`` steps, never while compiling."""
+        counter synchronizes with the device) every ``_GUARD_CHECK_EVERY`` steps, never while compiling or capturing a
+        CUDA graph."""
         if torch.compiler.is_compiling() or self._warned_nonfinite:
             return
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # reading the counter would synchronize, which a CUDA graph capture forbids
         self._guard_calls += 1
         if x.device.type == "cpu" or self._guard_calls % _GUARD_CHECK_EVERY == 1:
             if int(self.num_nonfinite_batches) > 0:
