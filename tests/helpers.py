@@ -11,7 +11,7 @@ CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 def grad_like(y: torch.Tensor) -> torch.Tensor:
     """A fixed pseudo-random output gradient, the same for every implementation compared."""
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    return g.to(y.dtype)
+    return g.to(device=y.device, dtype=y.dtype)
 
 
 def forward_backward(fn, x, *params, g=None):

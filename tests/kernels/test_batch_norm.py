@@ -388,16 +388,20 @@ def test_cuda_realistic_shape(dtype, channels_last, shape):
     x = _input(shape, dtype, channels_last).cuda()
     weight, bias = (p.cuda() for p in _params(c))
     stats = [tuple(s.cuda() for s in _stats(c)) for _ in range(2)]
-    stats[1] = tuple(s.clone() for s in stats[0])
+    stats[1] = tuple(s.double() for s in stats[0])  # the reference runs in float64
     g = grad_like(torch.empty(shape, dtype=dtype)).cuda()
     ours = forward_backward(
         lambda x, w, b: bnk.batch_norm(x, *stats[0], w, b, True, 0.1, EPS, act="relu"), x, weight, bias, g=g
     )
     ref = forward_backward(
-        lambda x, w, b: F.relu(functional.batch_norm(x, *stats[1], w, b, True, 0.1, EPS)), x, weight, bias, g=g
+        lambda x, w, b: F.relu(functional.batch_norm(x, *stats[1], w, b, True, 0.1, EPS)),
+        *(t.double() for t in (x, weight, bias)),
+        g=g.double(),
     )
     assert_same_memory_format(ours[0], x)
-    assert_all_close(ours, ref, dtype=dtype, scale=2.0)
+    assert_all_close(ours[:2], ref[:2], dtype=dtype, scale=2.0)
+    # the parameter gradients are sums over N * H * W values: a float32 sum of 25,000 terms is off by ~1e-5 * sqrt(n)
+    assert_all_close(ours[2:], ref[2:], dtype=dtype, scale=20.0 if dtype == torch.float32 else 2.0)
     assert_all_close(stats[0], stats[1])
     y = bnk.batch_norm(x, *stats[0], weight, bias, False, act="silu")
     assert_close(y, F.silu(functional.batch_norm(x, *stats[0], weight, bias, False)), dtype=dtype)
