@@ -22,7 +22,12 @@ T_RESNET="${T_RESNET:-170}"             # normlab bench resnet50 (each torch.com
 T_TUNE="${T_TUNE:-90}"                 # benchmarks/gpu_tune.py
 WARM_SHARDS="${WARM_SHARDS:-8}"         # parallel compile-only processes of gpu_tune.py
 KERNELS_COMPILE="${KERNELS_COMPILE:-bf16-cl}"         # bench kernels --compile: all | bf16-cl | none
-RESNET_COMPILE="${RESNET_COMPILE-b64-bf16-cl}"        # configs to compile in; empty: every config
+RESNET_COMPILE="${RESNET_COMPILE-b64-bf16-cl}"        # configs to compile in; empty: every config; "none": eager only
+STEPS="${STEPS:-tests tune kernels resnet}"           # the steps to run (in this order, whatever the order given)
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+RESNET_COMPILE_ARGS=()
+# shellcheck disable=SC2206  # RESNET_COMPILE is a list of config names
+[ "$RESNET_COMPILE" = none ] || RESNET_COMPILE_ARGS=(--compile $RESNET_COMPILE)
 
 mkdir -p "$OUT"
 LOG="$OUT/run.log"     # every step's output (the fetched files are few: one log, the CSVs, the summary)
@@ -82,40 +87,53 @@ EOF
 
 # phase 0: everything that compiles, side by side (16 CPU cores compile in parallel); the CUDA tests with it
 phase0() {
-    local pids=() op setting i
-    "$PY" -m pytest -q -m gpu tests/kernels tests/lab/test_study_speed.py >"$OUT/tests.log" 2>&1 &
-    pids+=($!)
-    for op in gn in bn ln2d rms2d frn evo_s0 "ln rms"; do
-        # shellcheck disable=SC2086  # "ln rms": two ops in one process
-        "$PY" -m normlab.lab.cli bench kernels --ops $op --compile "$KERNELS_COMPILE" --out "$WARM/k-${op// /-}.csv" \
-            >>"$OUT/warm.log" 2>&1 &
-        pids+=($!)
-    done
-    for setting in torch-bn normlab-bn normlab-gn torch-gn none; do
-        # shellcheck disable=SC2086
-        "$PY" -m normlab.lab.cli bench resnet50 --settings "$setting" --steps 1 --warmup 1 --compile $RESNET_COMPILE \
-            --out "$WARM/r-$setting.csv" >>"$OUT/warm.log" 2>&1 &
-        pids+=($!)
-    done
-    for ((i = 0; i < WARM_SHARDS; i++)); do
-        "$PY" benchmarks/gpu_tune.py --warm --shard "$i" --shards "$WARM_SHARDS" >>"$OUT/warm.log" 2>&1 &
-        pids+=($!)
-    done
-    wait "${pids[0]}"  # the tests' status is this phase's (their output: $OUT/tests.log)
-    local rc=$?
-    tail -n 3 "$OUT/tests.log"
+    local rc=0 tests_pid="" op setting i
+    if has tests; then
+        "$PY" -m pytest -q -m gpu tests/kernels tests/lab/test_study_speed.py >"$OUT/tests.log" 2>&1 &
+        tests_pid=$!
+    fi
+    if has kernels; then
+        for op in gn in bn ln2d rms2d frn evo_s0 "ln rms"; do
+            # shellcheck disable=SC2086  # "ln rms": two ops in one process
+            "$PY" -m normlab.lab.cli bench kernels --ops $op --compile "$KERNELS_COMPILE" --no-graph \
+                --out "$WARM/k-${op// /-}.csv" >>"$OUT/warm.log" 2>&1 &
+        done
+    fi
+    if has resnet; then
+        for setting in torch-bn normlab-bn normlab-gn torch-gn none; do
+            "$PY" -m normlab.lab.cli bench resnet50 --settings "$setting" --steps 1 --warmup 1 \
+                "${RESNET_COMPILE_ARGS[@]}" --out "$WARM/r-$setting.csv" >>"$OUT/warm.log" 2>&1 &
+        done
+    fi
+    if has tune; then
+        for ((i = 0; i < WARM_SHARDS; i++)); do
+            "$PY" benchmarks/gpu_tune.py --warm --shard "$i" --shards "$WARM_SHARDS" >>"$OUT/warm.log" 2>&1 &
+        done
+    fi
+    if [ -n "$tests_pid" ]; then
+        wait "$tests_pid"  # the tests' status is this phase's (their output: $OUT/tests.log)
+        rc=$?
+        tail -n 3 "$OUT/tests.log"
+    fi
     wait
     return "$rc"
 }
-export -f phase0
-export PY OUT WARM KERNELS_COMPILE RESNET_COMPILE WARM_SHARDS
-step phase0-tests "$T_WARM" "$LOG" bash -c phase0
-step bench-kernels "$T_KERNELS" "$LOG" \
-    "$PY" -m normlab.lab.cli bench kernels --compile "$KERNELS_COMPILE" --out "$OUT/kernels.csv"
-# shellcheck disable=SC2086  # RESNET_COMPILE is a list of config names (or empty: bare --compile)
-step bench-resnet50 "$T_RESNET" "$LOG" \
-    "$PY" -m normlab.lab.cli bench resnet50 --compile $RESNET_COMPILE --out "$OUT/resnet50.csv"
-step tune "$T_TUNE" "$LOG" "$PY" benchmarks/gpu_tune.py --out "$OUT/tune.csv"
+export -f phase0 has
+export PY OUT WARM KERNELS_COMPILE RESNET_COMPILE WARM_SHARDS STEPS
+# (bash cannot export arrays: phase0 rebuilds RESNET_COMPILE_ARGS from RESNET_COMPILE)
+step phase0-tests "$T_WARM" "$LOG" bash -c \
+    'RESNET_COMPILE_ARGS=(); [ "$RESNET_COMPILE" = none ] || RESNET_COMPILE_ARGS=(--compile $RESNET_COMPILE); phase0'
+if has tune; then
+    step tune "$T_TUNE" "$LOG" "$PY" benchmarks/gpu_tune.py --out "$OUT/tune.csv"
+fi
+if has kernels; then
+    step bench-kernels "$T_KERNELS" "$LOG" \
+        "$PY" -m normlab.lab.cli bench kernels --compile "$KERNELS_COMPILE" --out "$OUT/kernels.csv"
+fi
+if has resnet; then
+    step bench-resnet50 "$T_RESNET" "$LOG" \
+        "$PY" -m normlab.lab.cli bench resnet50 "${RESNET_COMPILE_ARGS[@]}" --out "$OUT/resnet50.csv"
+fi
 
 {
     cat "$OUT/env.txt"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import importlib
 import json
 import math
@@ -141,24 +142,26 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+@functools.lru_cache(maxsize=1)
 def _build(case, device):
+    """(x, dy, normlab module, torch module) of a case; the last case's are kept (consecutive jobs share them)."""
     from normlab.lab.bench import KERNEL_OPS
 
     op_name, shape, dtype, layout = case
     op = KERNEL_OPS[op_name]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen).to(device, dtype)
+    gen = torch.Generator(device).manual_seed(0)  # drawn where they are used: fast for 25M-element inputs
+    x = torch.randn(shape, generator=gen, device=device).to(dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    dy = torch.randn(shape, generator=gen).to(device, dtype)
+    dy = torch.randn(shape, generator=gen, device=device).to(dtype)
     if layout == "channels_last":  # as x: a gradient in another layout would add a copy to every timing
         dy = dy.contiguous(memory_format=torch.channels_last)
     ours = op.normlab(shape[1]).to(device=device, dtype=dtype).train()
     theirs = (op.torch or op.normlab)(shape[1]).to(device=device, dtype=dtype).train()
     with torch.no_grad():  # same (non-trivial) affine parameters in both
         for p in ours.parameters():
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen).to(device, dtype))
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen, device=device).to(dtype))
         ours_params = dict(ours.named_parameters())
         for name, p in theirs.named_parameters():
             key = name.split(".")[-1]
@@ -247,6 +250,45 @@ def _graph_columns(pass_: str, ours: float | None, theirs: float | None, nbytes:
     }
 
 
+def _host_costs(device) -> None:
+    """Host time per call (microseconds) at a tiny shape, where the GPU waits for the host: normlab's fwd+bwd vs
+    torch's, and one bare launch of a Triton kernel vs one of torch's elementwise ops."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _touch(p, n, a1, a2, a3, a4, a5, a6, a7, a8, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(p + offs, tl.load(p + offs, mask=offs < n) + a1, mask=offs < n)
+
+    def host_us(fn, reps=300):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        elapsed = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        return elapsed / reps * 1e6
+
+    buf = torch.zeros(1024, device=device)
+    args = (buf, 1024, 1.0, 2, 3, 4, 5, 6, 7, 8)
+    print("\nhost cost per call (us), tiny shapes: the GPU waits for the host")
+    print(f"  one Triton launch (10 args): {host_us(lambda: _touch[(1,)](*args, BLOCK=1024)):.1f}")
+    print(f"  one torch elementwise op (add_): {host_us(lambda: buf.add_(1.0)):.1f}")
+    for op in ("gn", "bn", "ln2d", "frn", "in"):
+        x, dy, ours, theirs = _build((op, (2, 64, 8, 8), torch.bfloat16, "channels_last"), device)
+        times = []
+        for module, backend in ((ours, "triton"), (theirs, "reference")):
+            fns = _passes(module, x, dy, backend)
+            times += [host_us(fns["fwd"]), host_us(fns["fwd+bwd"])]
+        print(
+            f"  {op:5} fwd: normlab {times[0]:6.1f}  torch {times[2]:6.1f}    "
+            f"fwd+bwd: normlab {times[1]:6.1f}  torch {times[3]:6.1f}"
+        )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tune.csv", help="the CSV to write")
@@ -287,6 +329,11 @@ def main(argv=None) -> int:
     env = {"device": name, "torch": torch.__version__, "triton": triton.__version__}
     copy_gbps = _copy_gbps(device)
     print(f"{env['device']}: copy {copy_gbps:.0f} GB/s, torch {env['torch']}, triton {env['triton']}", flush=True)
+    if device.type == "cuda":
+        try:
+            _host_costs(device)
+        except Exception as err:  # a help for reading the times, not a result
+            print(f"host costs failed: {type(err).__name__}: {err}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     best: dict[int, list] = {}

@@ -508,10 +508,12 @@ def _input(case: _Case, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
     return x, torch.randn_like(x)
 
 
-def _time_passes(module: nn.Module, x, grad, *, backend: str, compiled: bool, timer: Timer) -> dict:
-    """``{pass: (ms or None, status)}`` for one implementation; an exception marks that pass as an error."""
+def _time_passes(
+    module: nn.Module, x, grad, *, backend: str, compiled: bool, timer: Timer, only: Sequence[str] = _PASSES
+) -> dict:
+    """``{pass: (ms or None, status)}`` for one implementation (the passes not in ``only``: ``skipped``); an
+    exception marks that pass as an error."""
     params = [p for p in module.parameters() if p.requires_grad]
-    out = {}
     with kernels.use_backend(backend):
         if compiled:
             _compile_reset()
@@ -523,7 +525,10 @@ def _time_passes(module: nn.Module, x, grad, *, backend: str, compiled: bool, ti
             "fwd+bwd": lambda: torch.autograd.grad(run(x), [x, *params], grad),
             "fwd": lambda: run(x),
         }
+        out = {name: (None, "skipped") for name in passes if name not in only}
         for name, fn in passes.items():
+            if name not in only:
+                continue
             try:
                 out[name] = (timer(fn), "ok")
             except Exception as err:  # a failing implementation is a result, not the end of the run
@@ -561,10 +566,12 @@ def _measure_case(
     if graph_timer is not None:
         if why is None:
             module = op.normlab(channels).to(device=device, dtype=case.dtype).train()
-            results["normlab_graph"] = _time_passes(module, x, grad, backend=backend, compiled=False, timer=graph_timer)
+            results["normlab_graph"] = _time_passes(
+                module, x, grad, backend=backend, compiled=False, timer=graph_timer, only=("fwd+bwd",)
+            )
         module = build(channels).to(device=device, dtype=case.dtype).train()
         results["eager_graph"] = _time_passes(
-            module, x, grad, backend=baseline_backend, compiled=False, timer=graph_timer
+            module, x, grad, backend=baseline_backend, compiled=False, timer=graph_timer, only=("fwd+bwd",)
         )
     del x, grad
     _free(device)
@@ -673,8 +680,8 @@ def bench_kernels(
             cases ``"bf16-cl"`` (each compile takes seconds), or ``"none"``.
         smoke: tiny shapes and few repetitions (the only mode without CUDA).
         backend: normlab's backend (default: triton on CUDA or under ``TRITON_INTERPRET=1``, else reference).
-        graph: on CUDA, also time normlab and torch eager as CUDA-graph replays (columns ``*_graph_*``): the GPU's
-            time without the host's launch and Python overhead.
+        graph: on CUDA, also time normlab's and torch eager's forward+backward as CUDA-graph replays (columns
+            ``*_graph_*``, empty in the fwd rows): the GPU's time without the host's launch and Python overhead.
         echo: where the table goes.
 
     Returns:
