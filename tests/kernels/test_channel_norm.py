@@ -268,7 +268,7 @@ def test_enough_backward_programs_on_a_gpu():
     """At ConvNeXt/ResNet sizes the backward runs about 4 programs per SM, each over several tiles."""
     x = torch.empty(32, 256, 56, 56, device="meta").to(memory_format=torch.channels_last)
     launch = kernels._launch(kernels.flat(x))
-    assert launch.block_c >= 256 and launch.tiles >= 10 * 4 * 132
+    assert launch.block_c >= 256 and launch.tiles >= 5 * 4 * 132
     with mock.patch.object(torch.cuda, "get_device_properties", return_value=mock.Mock(multi_processor_count=132)):
         assert kernels._backward_programs(launch.tiles, torch.device("cuda")) == 4 * 132
 

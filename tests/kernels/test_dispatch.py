@@ -52,6 +52,7 @@ def test_auto_takes_the_kernel_for_cuda_inputs_unless_torch_was_measured_faster(
             return True
 
     x = torch.randn(2, 4, 3, 3).as_subclass(FakeCuda)
+    monkeypatch.setattr(triton_ops, "SLOWER_THAN_TORCH", {})
     assert kernels.resolve("group_norm", x, "auto") is triton_ops.group_norm
     monkeypatch.setitem(triton_ops.SLOWER_THAN_TORCH, "group_norm", lambda t: t.shape[0] < 4)
     assert kernels.resolve("group_norm", x, "auto") is native.group_norm
@@ -59,6 +60,32 @@ def test_auto_takes_the_kernel_for_cuda_inputs_unless_torch_was_measured_faster(
         triton_ops.group_norm
     )
     assert kernels.resolve("group_norm", x, "triton") is triton_ops.group_norm  # forcing ignores the table
+
+
+@pytest.mark.parametrize(
+    "op,shape,dtype,channels_last,torch_wins",
+    [
+        ("group_norm", (32, 256, 56, 56), torch.bfloat16, True, False),  # the issue's target shape: the kernel
+        ("group_norm", (32, 64, 112, 112), torch.bfloat16, True, True),  # 2 channels per group, channels-last
+        ("group_norm", (32, 64, 112, 112), torch.bfloat16, False, False),
+        ("group_norm", (2, 64, 8, 8), torch.bfloat16, False, True),  # tiny: the host cost decides
+        ("batch_norm", (32, 256, 56, 56), torch.bfloat16, True, False),
+        ("batch_norm", (2, 256, 56, 56), torch.float32, False, True),
+        ("batch_norm", (2, 256, 56, 56), torch.bfloat16, False, False),
+        ("layer_norm", (16384, 1024), torch.bfloat16, False, True),  # transformer rows: torch's fused kernel
+        ("rms_norm", (16384, 1024), torch.float32, False, True),
+        ("instance_norm", (32, 256, 56, 56), torch.bfloat16, True, False),
+        ("filter_response_norm", (2, 64, 8, 8), torch.float32, False, False),  # torch has no FRN
+        ("evonorm_s0", (2, 64, 8, 8), torch.float32, False, False),
+    ],
+)
+def test_measured_routing_to_torch(op, shape, dtype, channels_last, torch_wins):
+    """The cases where an H100 measured torch faster (SLOWER_THAN_TORCH) go to torch; the issue's shapes keep the
+    kernels."""
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert triton_ops.prefers_torch(op, x) == torch_wins
 
 
 def test_environment_variable_sets_the_default_backend():

@@ -83,13 +83,16 @@ _TILE_CHANNELS = 512
 """channels_last: channels one tile spans (whole groups)."""
 _TILE_POSITIONS = 1024
 """NCHW: positions one tile spans."""
-_PROGRAMS_PER_SM = 4
-"""Programs per SM the position splits aim for (at 64 registers a thread, 4 programs of 8 warps fit an SM; more
-resident programs keep more loads in flight, since these loops are not software-pipelined)."""
+_PROGRAMS_PER_SM = 2
+"""Programs per SM the position splits aim for. Measured on an H100 (benchmarks/gpu_tune.py, CUDA-graph times of
+forward+backward at (32, 256, 56, 56) bf16): 2 instead of 4 made channels-last GroupNorm 15% and InstanceNorm 14%
+faster, and changed the other cases by at most 3%."""
 _SM_COUNT_WITHOUT_CUDA = 132
 """The H100's SM count, so that the interpreter on CPU runs the same launch configuration as the GPU would."""
 _NUM_WARPS = 8
-"""Warps of the main kernels (a 4096-element tile is 16 values a thread)."""
+"""Warps of the main kernels for channels-last inputs (a 4096-element tile is 16 values a thread)."""
+_NUM_WARPS_NCHW = 4
+"""Warps of the main kernels for NCHW inputs: 4 made NCHW GroupNorm 13% faster than 8 on an H100 (bf16; fp32 3%)."""
 _STAGE2_TILE = 4096
 """Elements a second-stage program (merging the per-split partials) loads per step."""
 _STAGE2_CHANNELS = 64
@@ -128,7 +131,8 @@ def blocks(n: int, groups: int, group_size: int, positions: int, channels_last: 
     tiles = cdiv(positions, block_s)
     wanted = cdiv(_PROGRAMS_PER_SM * sm_count, n * cdiv(groups, block_g))
     span = max(1, tiles // wanted) * block_s
-    return Blocks(block_s, block_g, block_cg, cdiv(positions, span), span, _NUM_WARPS)
+    warps = _NUM_WARPS if channels_last else _NUM_WARPS_NCHW
+    return Blocks(block_s, block_g, block_cg, cdiv(positions, span), span, warps)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -56,10 +56,38 @@ FUSES_NAN_GUARD = frozenset({"batch_norm"})
 update of the running statistics only if it is finite, counting the batch, within its own launches (see
 normlab.kernels.fuses_nan_guard)."""
 
-SLOWER_THAN_TORCH: dict[str, Callable[[torch.Tensor], bool]] = {}
-"""op -> predicate on the input: where it is true, ``auto`` dispatch runs torch's op (or the reference) instead of
-the kernel, because ``normlab bench kernels`` measured the kernel slower there. Empty until a GPU measurement shows
-such a case (none has been run yet); ``backend="triton"`` always runs the kernel."""
+_TINY = 1 << 20
+"""Inputs with fewer elements than this run torch's op under ``auto`` (ops that torch has): their GPU time is a few
+microseconds, so the call's host cost decides, and normlab's Python launch path costs 2-4x torch's per call
+(measured on an H100 machine at (2, 64, 8, 8): GroupNorm forward+backward 862 vs 359 us of host time)."""
+
+
+def _tiny(x: torch.Tensor) -> bool:
+    return x.numel() < _TINY
+
+
+def _channels_last_2d(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+SLOWER_THAN_TORCH: dict[str, Callable[[torch.Tensor], bool]] = {
+    # transformer rows (N, C): torch's fused LayerNorm / RMSNorm took 0.36-0.50x normlab's GPU time at (16384, 1024)
+    "layer_norm": lambda x: _tiny(x) or x.dim() == 2,
+    "rms_norm": lambda x: _tiny(x) or x.dim() == 2,
+    # channels-last GroupNorm over few channels per group (GroupNorm(32) of 64 channels at (32, 64, 112, 112)): 0.86x
+    # torch's speed in bf16, 0.94x in fp32
+    "group_norm": lambda x: _tiny(x) or (_channels_last_2d(x) and x.shape[1] <= 64),
+    # float32 BatchNorm at small batch, (2, 256, 56, 56): 0.72x torch's speed NCHW, 0.95x channels-last
+    "batch_norm": lambda x: _tiny(x) or (x.dtype == torch.float32 and x.numel() < (1 << 22)),
+    "instance_norm": _tiny,
+    "layer_norm2d": _tiny,
+    "rms_norm2d": _tiny,
+}
+"""op -> predicate on the input: where it is true, ``auto`` dispatch runs torch's op (normlab's native backend)
+instead of the kernel, because the kernel measured slower there: ``normlab bench kernels`` on an H100 (forward +
+backward, CUDA-graph replays, so that the kernels' GPU time is compared and not the host's; see the README's GPU
+table), and tiny inputs (:data:`_TINY`). ``backend="triton"`` always runs the kernel. FRN and EvoNorm-S0 have no
+torch counterpart: their kernels always run."""
 
 
 def prefers_torch(op: str, x: torch.Tensor) -> bool:
