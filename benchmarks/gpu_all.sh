@@ -23,11 +23,17 @@ T_TUNE="${T_TUNE:-90}"                 # benchmarks/gpu_tune.py
 WARM_SHARDS="${WARM_SHARDS:-8}"         # parallel compile-only processes of gpu_tune.py
 KERNELS_COMPILE="${KERNELS_COMPILE:-bf16-cl}"         # bench kernels --compile: all | bf16-cl | none
 RESNET_COMPILE="${RESNET_COMPILE-b64-bf16-cl}"        # configs to compile in; empty: every config; "none": eager only
+RESNET_GRAPH="${RESNET_GRAPH:-1}"                      # 1: bench resnet50 also times CUDA-graph replays (--graph)
 STEPS="${STEPS:-tests tune kernels resnet}"           # the steps to run (in this order, whatever the order given)
 has() { [[ " $STEPS " == *" $1 "* ]]; }
-RESNET_COMPILE_ARGS=()
-# shellcheck disable=SC2206  # RESNET_COMPILE is a list of config names
-[ "$RESNET_COMPILE" = none ] || RESNET_COMPILE_ARGS=(--compile $RESNET_COMPILE)
+# bench resnet50's options (bash cannot export arrays: phase0 below rebuilds them with the same function)
+resnet_args() {
+    RESNET_ARGS=()
+    # shellcheck disable=SC2206  # RESNET_COMPILE is a list of config names
+    [ "$RESNET_COMPILE" = none ] || RESNET_ARGS=(--compile $RESNET_COMPILE)
+    [ "$RESNET_GRAPH" != 1 ] || RESNET_ARGS+=(--graph)
+}
+resnet_args
 
 mkdir -p "$OUT"
 LOG="$OUT/run.log"     # every step's output (the fetched files are few: one log, the CSVs, the summary)
@@ -102,7 +108,7 @@ phase0() {
     if has resnet; then
         for setting in torch-bn normlab-bn normlab-gn torch-gn none; do
             "$PY" -m normlab.lab.cli bench resnet50 --settings "$setting" --steps 1 --warmup 1 \
-                "${RESNET_COMPILE_ARGS[@]}" --out "$WARM/r-$setting.csv" >>"$OUT/warm.log" 2>&1 &
+                "${RESNET_ARGS[@]}" --out "$WARM/r-$setting.csv" >>"$OUT/warm.log" 2>&1 &
         done
     fi
     if has tune; then
@@ -118,11 +124,9 @@ phase0() {
     wait
     return "$rc"
 }
-export -f phase0 has
-export PY OUT WARM KERNELS_COMPILE RESNET_COMPILE WARM_SHARDS STEPS
-# (bash cannot export arrays: phase0 rebuilds RESNET_COMPILE_ARGS from RESNET_COMPILE)
-step phase0-tests "$T_WARM" "$LOG" bash -c \
-    'RESNET_COMPILE_ARGS=(); [ "$RESNET_COMPILE" = none ] || RESNET_COMPILE_ARGS=(--compile $RESNET_COMPILE); phase0'
+export -f phase0 has resnet_args
+export PY OUT WARM KERNELS_COMPILE RESNET_COMPILE RESNET_GRAPH WARM_SHARDS STEPS
+step phase0-tests "$T_WARM" "$LOG" bash -c 'resnet_args; phase0'
 if has tune; then
     step tune "$T_TUNE" "$LOG" "$PY" benchmarks/gpu_tune.py --out "$OUT/tune.csv"
 fi
@@ -132,7 +136,7 @@ if has kernels; then
 fi
 if has resnet; then
     step bench-resnet50 "$T_RESNET" "$LOG" \
-        "$PY" -m normlab.lab.cli bench resnet50 "${RESNET_COMPILE_ARGS[@]}" --out "$OUT/resnet50.csv"
+        "$PY" -m normlab.lab.cli bench resnet50 "${RESNET_ARGS[@]}" --out "$OUT/resnet50.csv"
 fi
 
 {

@@ -213,6 +213,21 @@ def test_resnet50_compile_flag_and_run_order():
     runs = bench._resnet_runs(["torch-bn", "normlab-gn", "none", "torch-gn"], compiled=True)
     assert runs[0] == ("none", "eager")
     assert runs[4:] == [("torch-gn", "compile"), ("normlab-gn", "compile"), ("torch-bn", "compile")]
+    assert parser.parse_args(["bench", "resnet50", "--graph"]).graph
+    runs = bench._resnet_runs(["torch-bn", "none"], compiled=True, graph=True)
+    # every graph cost needs the no-norm replay, measured before the others
+    assert runs == [("none", "eager"), ("torch-bn", "eager"), ("none", "graph"), ("torch-bn", "graph")] + [
+        ("torch-bn", "compile")
+    ]
+
+
+def test_bench_resnet50_graph_needs_cuda(tmp_path):
+    """On the CPU (--smoke) --graph is ignored: CUDA graphs need a GPU."""
+    rows = bench.bench_resnet50(
+        tmp_path / "r.csv", settings=["none"], configs=["b32-fp32-nchw"], steps=1, warmup=1, smoke=True, graph=True,
+        echo=lambda line: None,
+    )  # fmt: skip
+    assert [r["mode"] for r in rows] == ["eager"]
 
 
 def test_resnet_targets_ratios():
@@ -232,6 +247,9 @@ def test_resnet_targets_ratios():
     assert got["normlab-bn norm cost / torch-bn norm cost"] == (pytest.approx(0.25), "<= 0.5", "yes")
     assert got["normlab-bn compile / torch-bn compile"] == (None, "<= 1", "")
     assert got["torch-gn eager / torch-bn eager"] == (None, None, "")
+    rows += [row("torch-bn", "graph", 8.0, 2.0), row("normlab-bn", "graph", 7.0, 1.0)]
+    got = {t["ratio"]: (t["value"], t["target"], t["met"]) for t in bench.resnet_targets(rows)}
+    assert got["normlab-bn norm cost / torch-bn norm cost (graph)"] == (pytest.approx(0.5), None, "")
     rows[1]["norm_cost_ms"] = -0.5  # noise: torch BN "faster" than no norm gives no cost ratio
     got = {t["ratio"]: t["value"] for t in bench.resnet_targets(rows)}
     assert got["normlab-bn norm cost / torch-bn norm cost"] is None

@@ -811,8 +811,12 @@ def _clear_graph_breaks() -> None:
     counters["graph_break"].clear()
 
 
-def _time_resnet(setting: _Setting, config: _Config, *, compiled: bool, device, image_size, batch, steps, warmup):
-    """``(median, min, max step ms, first step s, graph breaks)`` of one setting's training step."""
+def _time_resnet(
+    setting: _Setting, config: _Config, *, compiled: bool, device, image_size, batch, steps, warmup, graph=False
+):
+    """``(median, min, max step ms, first step s, graph breaks)`` of one setting's training step; ``graph``: the
+    step captured once in a CUDA graph and replayed (PyTorch's whole-network capture: forward, backward and the
+    optimizer step), which times the GPU's work without the host's launch and Python overhead."""
     import torch.nn.functional as F
 
     from .models import ResNet50
@@ -828,18 +832,40 @@ def _time_resnet(setting: _Setting, config: _Config, *, compiled: bool, device, 
         _clear_graph_breaks()
     run = torch.compile(model) if compiled else model
 
-    def step():
-        with torch.autocast(device.type, dtype=config.autocast or torch.float32, enabled=config.autocast is not None):
+    def step(zero_grad=True):
+        # a CUDA graph must not cache autocast's casts across its capture (the cache would be freed memory)
+        with torch.autocast(
+            device.type,
+            dtype=config.autocast or torch.float32,
+            enabled=config.autocast is not None,
+            cache_enabled=not graph,
+        ):
             loss = F.cross_entropy(run(x), y)
         loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if zero_grad:
+            optimizer.zero_grad(set_to_none=True)
 
     _sync(device)
     t0 = time.perf_counter()
     step()
     _sync(device)
     first_step_s = time.perf_counter() - t0
+    if graph:
+        # warm up on a side stream (the momentum buffers are made there), then capture one step: the gradients
+        # set to None before the capture are allocated in the graph's pool and rewritten by every replay
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(max(warmup - 1, 2)):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        optimizer.zero_grad(set_to_none=True)
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            step(zero_grad=False)
+        step = captured.replay  # the timed step is the replay
+        step()
     for _ in range(warmup - 1):
         step()
     times = []
@@ -862,6 +888,10 @@ _RATIOS = (
     ("normlab-bn compile / torch-bn compile", ("normlab-bn", "compile"), ("torch-bn", "compile"), "step", 1.0),
     ("torch-gn eager / torch-bn eager", ("torch-gn", "eager"), ("torch-bn", "eager"), "step", None),
     ("normlab-bn eager / torch-bn eager", ("normlab-bn", "eager"), ("torch-bn", "eager"), "step", None),
+    # the same comparisons between CUDA-graph replays of the step: the GPU's share, without host overhead
+    ("normlab-gn graph / torch-bn graph", ("normlab-gn", "graph"), ("torch-bn", "graph"), "step", None),
+    ("normlab-gn graph / torch-gn graph", ("normlab-gn", "graph"), ("torch-gn", "graph"), "step", None),
+    ("normlab-bn norm cost / torch-bn norm cost (graph)", ("normlab-bn", "graph"), ("torch-bn", "graph"), "cost", None),
 )
 
 
@@ -924,10 +954,14 @@ def _resnet_line(row: dict) -> str:
     )
 
 
-def _resnet_runs(settings: list[str], *, compiled: bool) -> list[tuple[str, str]]:
+def _resnet_runs(settings: list[str], *, compiled: bool, graph: bool = False) -> list[tuple[str, str]]:
     """(setting, mode) in measuring order: the no-norm step first (every cost needs it), then the other eager
-    settings, then the compiled ones, the issue's key comparisons first."""
-    runs = [(s, "eager") for s in sorted(settings, key=lambda s: s != "none")]
+    settings, then the CUDA-graph replays (no-norm first), then the compiled ones, the issue's key comparisons
+    first."""
+    ordered = sorted(settings, key=lambda s: s != "none")
+    runs = [(s, "eager") for s in ordered]
+    if graph:
+        runs += [(s, "graph") for s in ordered]
     if compiled:
         runs += [(s, "compile") for s in _COMPILED_ORDER if s in settings]
     return runs
@@ -961,6 +995,7 @@ def _resnet_row(name, mode, config_name, *, device, backend, probe, image_size, 
                 setting,
                 config,
                 compiled=mode == "compile",
+                graph=mode == "graph",
                 device=device,
                 image_size=image_size,
                 batch=batch,
@@ -989,6 +1024,7 @@ def bench_resnet50(
     warmup: int | None = None,
     smoke: bool = False,
     backend: str | None = None,
+    graph: bool = False,
     echo: Callable[[str], None] = print,
 ) -> list[dict]:
     """Time a ResNet-50 SGD training step per norm setting and configuration; write ``out`` and its targets CSV.
@@ -1004,6 +1040,8 @@ def bench_resnet50(
         smoke: 32x32 images, batch 2 (the only mode without CUDA).
         backend: the normlab settings' backend (default: triton on CUDA or under ``TRITON_INTERPRET=1``, else
             reference).
+        graph: also time every setting as a CUDA-graph replay of its whole step (mode ``graph``, CUDA only): the
+            GPU's time without the host's launch and Python overhead; its norm cost is against the no-norm replay.
         echo: where the table goes.
 
     Returns:
@@ -1030,6 +1068,7 @@ def bench_resnet50(
             raise ValueError(f"{owner}: {name}={value!r} must be a positive integer")
     device, backend = _resolve_device_and_backend(owner, smoke, backend)
     image_size = 32 if smoke else 224
+    graph = graph and device.type == "cuda"
 
     env = _env_columns(device)
     echo(f"device: {env['device']}   torch {env['torch']}   triton {env['triton']}   cuda {env['cuda']}")
@@ -1042,8 +1081,8 @@ def bench_resnet50(
     probe = torch.empty(1, 64, 1, 1, device=device)
     try:
         for config_name in configs:
-            none_ms = None
-            for name, mode in _resnet_runs(settings, compiled=config_name in compile_in):
+            none_ms = {}
+            for name, mode in _resnet_runs(settings, compiled=config_name in compile_in, graph=graph):
                 row = _resnet_row(
                     name,
                     mode,
@@ -1056,10 +1095,10 @@ def bench_resnet50(
                     steps=steps,
                     warmup=warmup,
                 )
-                if name == "none" and mode == "eager":
-                    none_ms = row["step_ms"]
-                if mode == "eager" and row["step_ms"] is not None and none_ms is not None:
-                    row["norm_cost_ms"] = row["step_ms"] - none_ms
+                if name == "none":
+                    none_ms[mode] = row["step_ms"]
+                if mode != "compile" and row["step_ms"] is not None and none_ms.get(mode) is not None:
+                    row["norm_cost_ms"] = row["step_ms"] - none_ms[mode]
                     row["norm_share"] = row["norm_cost_ms"] / row["step_ms"]
                 row.update(env)
                 rows.append(row)
@@ -1116,6 +1155,7 @@ def _bench_resnet50_command(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             smoke=args.smoke,
             backend=args.backend,
+            graph=args.graph,
         )
     except (ValueError, RuntimeError) as err:
         print(f"normlab: error: {err}", file=sys.stderr)
@@ -1190,5 +1230,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     )
     r.add_argument("--steps", type=_int_arg, metavar="N", help="timed steps (default 20)")
     r.add_argument("--warmup", type=_int_arg, metavar="N", help="warm-up steps, compile included (default 5)")
+    r.add_argument(
+        "--graph",
+        action="store_true",
+        help="also time each setting's step captured in a CUDA graph and replayed (the GPU's time, no host overhead)",
+    )
     r.set_defaults(func=_bench_resnet50_command)
     return bench
