@@ -74,7 +74,13 @@ def test_auto_takes_the_kernel_for_cuda_inputs_unless_torch_was_measured_faster(
         ("batch_norm", (2, 256, 56, 56), torch.bfloat16, False, False),
         ("layer_norm", (16384, 1024), torch.bfloat16, False, True),  # transformer rows: torch's fused kernel
         ("rms_norm", (16384, 1024), torch.float32, False, True),
+        ("batch_norm", (32, 64, 112, 112), torch.float32, True, True),
+        ("batch_norm", (32, 64, 112, 112), torch.float32, False, False),
         ("instance_norm", (32, 256, 56, 56), torch.bfloat16, True, False),
+        ("instance_norm", (2, 256, 56, 56), torch.bfloat16, True, True),
+        ("instance_norm", (2, 256, 56, 56), torch.float32, True, False),
+        ("instance_norm", (32, 64, 112, 112), torch.float32, False, True),
+        ("instance_norm", (32, 256, 56, 56), torch.float32, False, False),
         ("filter_response_norm", (2, 64, 8, 8), torch.float32, False, False),  # torch has no FRN
         ("evonorm_s0", (2, 64, 8, 8), torch.float32, False, False),
     ],
