@@ -1,0 +1,43 @@
+"""The GPU tuning script's smoke mode: it runs (CPU, Triton's interpreter), checks every candidate against torch and
+writes its CSV; and the CUDA-only modes refuse cleanly without a GPU."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_tune.py"
+
+pytest.importorskip("triton")
+
+
+def _run(*args, interpret=True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_tune_smoke_checks_and_writes_every_candidate(tmp_path):
+    out = tmp_path / "tune.csv"
+    result = _run("--smoke", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert {r["status"] for r in rows} == {"ok"}
+    assert {r["op"] for r in rows} == {"gn", "in", "bn"}
+    # two candidates per module, two passes each, over the four smoke cases
+    assert len(rows) == 4 * 2 * 2
+    for r in rows:
+        assert float(r["rel_err_y"]) < 2e-2 and float(r["rel_err_dx"]) < 2e-2, r  # bf16 against torch
+        assert float(r["normlab_ms"]) > 0 and float(r["eager_ms"]) > 0
+    assert "per case (fwd+bwd" in result.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal without CUDA")
+def test_gpu_tune_without_cuda_refuses():
+    result = _run("--out", "unused.csv", interpret=False)
+    assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
