@@ -75,7 +75,7 @@ from ._triton_utils import (
 __all__ = ["Blocks", "blocks", "group_norm", "instance_norm", "layer_norm", "rms_norm", "evonorm_s0"]
 
 
-# ---- launch configuration (tune on the GPU here) ------------------------------------------------------------------
+# ---- launch configuration (tuned on an H100 with benchmarks/gpu_tune.py) -----------------------------------------
 
 _TILE = 4096
 """Elements a program loads per loop step of the main kernels."""
