@@ -71,6 +71,10 @@ def _study(args: argparse.Namespace) -> int:
         if info.rank == 0:
             report = write_report(out, echo=print)
             print(f"\nresults and plots: {out}\nreport: {report}")
+        if distributed:
+            # every rank tears its process group down together, after rank 0's report: a rank that left while rank 0
+            # was still writing was once killed by SIGABRT at exit ("terminate called without an active exception")
+            dist.barrier()
     except (ValueError, FileNotFoundError, ImportError) as err:
         where = f" (rank {info.rank})" if distributed else ""
         print(f"normlab study: error{where}: {err}", file=sys.stderr)
