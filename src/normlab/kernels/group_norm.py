@@ -615,12 +615,9 @@ def _backward(
     act: int,
     stats_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    f = flat(x)
-    f_dy = flat(dy)
-    if (f_dy.stride_n, f_dy.stride_c, f_dy.stride_s) != (f.stride_n, f.stride_c, f.stride_s):
+    f = flat(x)  # x was saved in the layout the forward ran on (flat's), so f.tensor is x
+    if dy.stride() != f.tensor.stride():
         dy = torch.empty_like(f.tensor).copy_(dy)
-    else:
-        dy = f_dy.tensor
     acc = mean.dtype
     g, cg = num_groups, f.c // num_groups
     parts = 2 if v is None else 3
