@@ -31,6 +31,7 @@ __all__ = [
     "FUSES_ACT",
     "FUSES_NAN_GUARD",
     "SLOWER_THAN_TORCH",
+    "SLOWER_THAN_TORCH_EAGER",
     "prefers_torch",
     "batch_norm",
     "frozen_batch_norm",
@@ -70,7 +71,7 @@ def _channels_last_2d(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-SLOWER_THAN_TORCH: dict[str, Callable[[torch.Tensor], bool]] = {
+SLOWER_THAN_TORCH: dict[str, Callable[[torch.Tensor], bool]] = {  # GPU time
     # transformer rows (N, C): torch's fused LayerNorm / RMSNorm took 0.36-0.50x normlab's GPU time at (16384, 1024)
     "layer_norm": lambda x: _tiny(x) or x.dim() == 2,
     "rms_norm": lambda x: _tiny(x) or x.dim() == 2,
@@ -97,7 +98,42 @@ table), and tiny inputs (:data:`_TINY`). ``backend="triton"`` always runs the ke
 torch counterpart: their kernels always run."""
 
 
+def _big(x: torch.Tensor) -> bool:
+    return x.numel() >= (1 << 22)
+
+
+def _nchw_2d(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous()
+
+
+SLOWER_THAN_TORCH_EAGER: dict[str, Callable[[torch.Tensor], bool]] = {
+    # BatchNorm lost everywhere in wall time except NCHW at 112 x 112 (torch's NCHW kernel is slow there: 2.2x)
+    "batch_norm": lambda x: not (_big(x) and _nchw_2d(x) and x.shape[2] * x.shape[3] >= 4096),
+    # GroupNorm / InstanceNorm won only in float32 channels-last (torch's 0.8 ms there: 1.1-1.3x)
+    "group_norm": lambda x: not (_big(x) and x.dtype == torch.float32 and _channels_last_2d(x)),
+    "instance_norm": lambda x: not (_big(x) and x.dtype == torch.float32 and _channels_last_2d(x)),
+    # LayerNorm2d / RMSNorm2d won NCHW (torch permutes: 1.3-6.2x) and channels-last over 64 channels (1.1-2.9x)
+    "layer_norm2d": lambda x: not (_big(x) and (_nchw_2d(x) or x.shape[1] <= 64)),
+    "rms_norm2d": lambda x: not (_big(x) and (_nchw_2d(x) or x.shape[1] <= 64)),
+}
+"""op -> predicate, applied besides :data:`SLOWER_THAN_TORCH` to plain eager calls (and torch.compile's tracing),
+not while a CUDA graph is being captured: where it is true, ``auto`` runs torch's op, because normlab's kernel
+measured slower in *wall time* (host cost included) in ``normlab bench kernels`` on an H100 machine, whose host is
+slow: one normlab forward+backward costs 0.7-1.3 ms of host time there against torch's 0.2-0.5 ms, more than most
+of these ops' GPU time (the README's GPU section). Under torch.compile the kernels run through the same Python
+launchers (the custom ops), and the compiled ResNet-50 steps measured slower than torch's compiled ones, so the same
+rules apply. In a CUDA graph only the GPU time counts, and only :data:`SLOWER_THAN_TORCH` applies."""
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def prefers_torch(op: str, x: torch.Tensor) -> bool:
-    """True where the kernel of ``op`` was measured slower than torch for inputs like ``x``."""
+    """True where the kernel of ``op`` was measured slower than torch for inputs like ``x``: in GPU time
+    (:data:`SLOWER_THAN_TORCH`) and, outside a CUDA-graph capture, in wall time (:data:`SLOWER_THAN_TORCH_EAGER`)."""
     rule = SLOWER_THAN_TORCH.get(op)
-    return rule is not None and rule(x)
+    if rule is not None and rule(x):
+        return True
+    eager = SLOWER_THAN_TORCH_EAGER.get(op)
+    return eager is not None and not _capturing(x) and eager(x)
