@@ -116,24 +116,17 @@ SLOWER_THAN_TORCH_EAGER: dict[str, Callable[[torch.Tensor], bool]] = {
     "layer_norm2d": lambda x: not (_big(x) and (_nchw_2d(x) or x.shape[1] <= 64)),
     "rms_norm2d": lambda x: not (_big(x) and (_nchw_2d(x) or x.shape[1] <= 64)),
 }
-"""op -> predicate, applied besides :data:`SLOWER_THAN_TORCH` to plain eager calls (and torch.compile's tracing),
-not while a CUDA graph is being captured: where it is true, ``auto`` runs torch's op, because normlab's kernel
-measured slower in *wall time* (host cost included) in ``normlab bench kernels`` on an H100 machine, whose host is
-slow: one normlab forward+backward costs 0.7-1.3 ms of host time there against torch's 0.2-0.5 ms, more than most
-of these ops' GPU time (the README's GPU section). Under torch.compile the kernels run through the same Python
-launchers (the custom ops), and the compiled ResNet-50 steps measured slower than torch's compiled ones, so the same
-rules apply. In a CUDA graph only the GPU time counts, and only :data:`SLOWER_THAN_TORCH` applies."""
-
-
-def _capturing(x: torch.Tensor) -> bool:
-    return x.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+"""op -> predicate, applied besides :data:`SLOWER_THAN_TORCH`: where it is true, ``auto`` runs torch's op, because
+normlab's kernel measured slower in *wall time* (host cost included) in ``normlab bench kernels`` on an H100
+machine, whose host is slow: one normlab forward+backward costs 0.7-1.3 ms of host time there against torch's
+0.2-0.5 ms, more than most of these ops' GPU time (the README's GPU section). Under torch.compile the kernels run
+through the same Python launchers (the custom ops), and the compiled ResNet-50 steps measured slower than torch's
+compiled ones. In a CUDA graph only the GPU time counts and the kernels win more often: force them there with
+``backend="triton"`` for the warm-up and the capture alike (a Triton kernel must be compiled and loaded before a
+capture, so ``auto`` does not switch implementations when a capture starts)."""
 
 
 def prefers_torch(op: str, x: torch.Tensor) -> bool:
-    """True where the kernel of ``op`` was measured slower than torch for inputs like ``x``: in GPU time
-    (:data:`SLOWER_THAN_TORCH`) and, outside a CUDA-graph capture, in wall time (:data:`SLOWER_THAN_TORCH_EAGER`)."""
-    rule = SLOWER_THAN_TORCH.get(op)
-    if rule is not None and rule(x):
-        return True
-    eager = SLOWER_THAN_TORCH_EAGER.get(op)
-    return eager is not None and not _capturing(x) and eager(x)
+    """True where the kernel of ``op`` was measured slower than torch for inputs like ``x``, in GPU time
+    (:data:`SLOWER_THAN_TORCH`) or in wall time (:data:`SLOWER_THAN_TORCH_EAGER`)."""
+    return any(rule(x) for rule in (SLOWER_THAN_TORCH.get(op), SLOWER_THAN_TORCH_EAGER.get(op)) if rule is not None)
