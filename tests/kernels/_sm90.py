@@ -247,6 +247,9 @@ def _batch_norm():
         _fwd_bwd(k.batch_norm, x, *running(c), _vec(c), _vec(c), True, act="silu", nan_guard=counters)
         _fwd_bwd(k.batch_norm, x, *running(c), _vec(c), _vec(c), False)
         _fwd_bwd(k.frozen_batch_norm, x, *running(c), act="relu")
+        for dtype in (torch.float32, torch.bfloat16):  # the layers' standalone guard commit, float and half buffers
+            stats = [torch.empty(c, dtype=dtype) for _ in range(4)]
+            k.commit_if_finite(*stats, *counters)
 
     def main(x, c):
         _fwd_bwd(k.batch_norm, x, *running(c), _vec(c), _vec(c), True, act="silu")

@@ -271,3 +271,55 @@ def test_only_the_triton_batch_norm_fuses_the_guard():
         assert bn._kernel_commits_guard(torch.randn(2, 3, 2, 2), None)
         assert not bn._kernel_commits_guard(torch.randn(2, 3, 2, 2), group=object())  # synced: the reference runs
         assert not normlab.GhostBatchNorm2d(3, virtual_batch_size=2)._kernel_commits_guard(x, None)
+
+
+# ---- the standalone commit (one launch) for updates made outside the fused kernels ----------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels", [5, 1500])  # 1500: more than one block of the commit's loops
+@pytest.mark.parametrize("kind", ["finite", "nan", "inf", "-inf"])
+def test_commit_if_finite_commits_or_counts(dtype, channels, kind):
+    running_mean, running_var = torch.randn(channels, dtype=dtype), torch.rand(channels, dtype=dtype) + 0.5
+    new_mean, new_var = torch.randn(channels, dtype=dtype), torch.rand(channels, dtype=dtype) + 0.5
+    if kind != "finite":
+        new_var[channels // 2] = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}[kind]
+    tracked, nonfinite = torch.tensor(7), torch.tensor(2)
+    before = running_mean.clone(), running_var.clone()
+    bnk.commit_if_finite(new_mean, new_var, running_mean, running_var, tracked, nonfinite)
+    if kind == "finite":
+        assert torch.equal(running_mean, new_mean) and torch.equal(running_var, new_var)
+        assert (int(tracked), int(nonfinite)) == (8, 2)
+    else:
+        assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
+        assert (int(tracked), int(nonfinite)) == (7, 3)
+
+
+def test_commit_if_finite_bad_input():
+    c = torch.zeros(4)
+    counters = torch.tensor(0), torch.tensor(0)
+    with pytest.raises(ValueError, match=r"new_var must be a contiguous \(4,\) torch.float32 tensor"):
+        bnk.commit_if_finite(c, torch.zeros(8)[::2], c.clone(), c.clone(), *counters)
+    with pytest.raises(ValueError, match="num_nonfinite_batches must be a 0-dim int64 tensor"):
+        bnk.commit_if_finite(c, c.clone(), c.clone(), c.clone(), counters[0], torch.tensor(0.0))
+
+
+def test_layers_commit_through_the_kernel_only_for_cuda_buffers(monkeypatch):
+    """kernels.commit_if_finite declines CPU buffers (the CPU layers read the sum directly) and hands CUDA ones to the
+    one-launch kernel when normlab's kernels are loaded."""
+    stats = [torch.zeros(3) for _ in range(4)]
+    counters = torch.tensor(0), torch.tensor(0)
+    assert not kernels.commit_if_finite(*stats, *counters)
+
+    class FakeCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    calls = []
+    monkeypatch.setattr(kernels, "_triton_ops", kernels._triton_ops or kernels._load_triton_ops())
+    monkeypatch.setattr(bnk, "commit_if_finite", lambda *args: calls.append(args))
+    fake = [s.as_subclass(FakeCuda) for s in stats]
+    assert kernels.commit_if_finite(*fake, *counters) and len(calls) == 1
+    strided = torch.zeros(6).as_subclass(FakeCuda)[::2]
+    assert not kernels.commit_if_finite(fake[0], fake[1], strided, fake[3], *counters)  # torch ops do it then

@@ -39,6 +39,7 @@ __all__ = [
     "triton_available",
     "call",
     "fuses_nan_guard",
+    "commit_if_finite",
 ]
 
 BACKENDS = ("auto", "native", "reference", "triton")
@@ -155,6 +156,21 @@ def fuses_nan_guard(op: str, x: torch.Tensor, backend: str | None = None) -> boo
     batch-norm layers then hand it their counters instead of guarding the update around the call."""
     impl = resolve(op, x, backend)
     return bool(_triton_ops) and op in _triton_ops.FUSES_NAN_GUARD and impl is getattr(_triton_ops, op)
+
+
+def commit_if_finite(new_mean, new_var, running_mean, running_var, num_batches_tracked, num_nonfinite_batches) -> bool:
+    """The batch-norm NaN guard's commit in one Triton launch (``batch_norm.commit_if_finite``) for CUDA buffers
+    when normlab's kernels are loaded; returns False without doing anything otherwise (the caller then commits with
+    torch ops). See :meth:`normlab.layers.BatchNorm2d` (``nan_guard``)."""
+    stats = (new_mean, new_var, running_mean, running_var)
+    if not (running_mean.is_cuda and _triton_ops is not None and not torch.compiler.is_compiling()):
+        return False
+    if not all(t.is_contiguous() and t.dtype == running_mean.dtype for t in stats):
+        return False
+    from .batch_norm import commit_if_finite as commit
+
+    commit(new_mean, new_var, running_mean, running_var, num_batches_tracked, num_nonfinite_batches)
+    return True
 
 
 if _backend == "triton" or (torch.cuda.is_available() and triton_available()):
