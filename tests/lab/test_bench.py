@@ -178,6 +178,17 @@ def test_bench_resnet50_smoke_writes_steps_costs_and_targets(tmp_path):
     assert compiled["value"] == "" and compiled["met"] == ""  # not measured: no ratio, no verdict
 
 
+def test_bench_resnet50_auto_settings_use_the_default_dispatch(tmp_path):
+    """normlab-bn-auto / normlab-gn-auto measure what a user gets by default (backend auto), whatever the run's."""
+    rows = bench.bench_resnet50(
+        tmp_path / "r.csv", settings=["normlab-bn-auto", "normlab-gn", "none"], configs=["b32-fp32-nchw"], steps=1,
+        warmup=1, smoke=True, backend="reference", echo=lambda line: None,
+    )  # fmt: skip
+    backends = {r["setting"]: r["backend"] for r in rows}
+    assert backends == {"none": None, "normlab-bn-auto": "auto", "normlab-gn": "reference"}
+    assert all(r["status"] == "ok" for r in rows)
+
+
 def test_bench_resnet50_missing_kernel_is_unavailable(tmp_path, monkeypatch):
     _no_triton_kernels(monkeypatch)
     rows = bench.bench_resnet50(

@@ -764,6 +764,7 @@ class _Setting:
     label: str
     norm: object  # a factory spec for ResNet50
     kernel: str | None = None  # the normlab op it dispatches (None: no normlab layer)
+    backend: str | None = None  # its own normlab backend (default: the run's)
 
 
 @dataclass(frozen=True)
@@ -781,6 +782,9 @@ RESNET_SETTINGS: dict[str, _Setting] = {
     "torch-bn": _Setting("torch BatchNorm2d", nn.BatchNorm2d),
     "normlab-bn": _Setting("normlab BatchNorm2d", "bn", "batch_norm"),
     "normlab-gn": _Setting("normlab GroupNorm(32)", "gn:32", "group_norm"),
+    # what a user gets by default: the dispatch picks torch's op where the kernel measured slower (triton_ops)
+    "normlab-bn-auto": _Setting("normlab BatchNorm2d, backend auto", "bn", "batch_norm", backend="auto"),
+    "normlab-gn-auto": _Setting("normlab GroupNorm(32), backend auto", "gn:32", "group_norm", backend="auto"),
     "torch-gn": _Setting("torch GroupNorm(32)", _torch_group_norm32),
     "none": _Setting("no norm (Identity)", "none"),
 }
@@ -888,6 +892,9 @@ _RATIOS = (
     ("normlab-bn compile / torch-bn compile", ("normlab-bn", "compile"), ("torch-bn", "compile"), "step", 1.0),
     ("torch-gn eager / torch-bn eager", ("torch-gn", "eager"), ("torch-bn", "eager"), "step", None),
     ("normlab-bn eager / torch-bn eager", ("normlab-bn", "eager"), ("torch-bn", "eager"), "step", None),
+    # what the default dispatch gives (backend auto: torch's op where the kernel measured slower)
+    ("normlab-gn-auto eager / torch-bn eager", ("normlab-gn-auto", "eager"), ("torch-bn", "eager"), "step", None),
+    ("normlab-bn-auto eager / torch-bn eager", ("normlab-bn-auto", "eager"), ("torch-bn", "eager"), "step", None),
     # the same comparisons between CUDA-graph replays of the step: the GPU's share, without host overhead
     ("normlab-gn graph / torch-bn graph", ("normlab-gn", "graph"), ("torch-bn", "graph"), "step", None),
     ("normlab-gn graph / torch-gn graph", ("normlab-gn", "graph"), ("torch-gn", "graph"), "step", None),
@@ -939,7 +946,7 @@ def resnet_targets(rows: Iterable[dict]) -> list[dict]:
 
 
 _RESNET_TABLE = (
-    f"{'config':<14} {'setting':<11} {'mode':<8} {'step ms':>8} {'min':>8} {'norm ms':>8} {'share':>6} "
+    f"{'config':<14} {'setting':<15} {'mode':<8} {'step ms':>8} {'min':>8} {'norm ms':>8} {'share':>6} "
     f"{'1st s':>6} {'breaks':>6}  status"
 )
 
@@ -947,7 +954,7 @@ _RESNET_TABLE = (
 def _resnet_line(row: dict) -> str:
     share = row["norm_share"]
     return (
-        f"{row['config']:<14} {row['setting']:<11} {row['mode']:<8} {_fmt(row['step_ms'], '.2f'):>8} "
+        f"{row['config']:<14} {row['setting']:<15} {row['mode']:<8} {_fmt(row['step_ms'], '.2f'):>8} "
         f"{_fmt(row['step_ms_min'], '.2f'):>8} {_fmt(row['norm_cost_ms'], '.2f'):>8} "
         f"{_fmt(None if share is None else 100 * share, '.0f'):>6} {_fmt(row['first_step_s'], '.1f'):>6} "
         f"{_fmt(row['graph_breaks'], 'd'):>6}  {row['status']}"
@@ -974,7 +981,7 @@ def _resnet_row(name, mode, config_name, *, device, backend, probe, image_size, 
         "config": config_name,
         "setting": name,
         "mode": mode,
-        "backend": backend if setting.kernel else None,
+        "backend": (setting.backend or backend) if setting.kernel else None,
         "batch": batch,
         "image_size": image_size,
         "precision": config.precision,
@@ -985,6 +992,7 @@ def _resnet_row(name, mode, config_name, *, device, backend, probe, image_size, 
         "first_step_s": None,
         "graph_breaks": None,
     }
+    backend = setting.backend or backend
     why = _unavailable(setting.kernel, probe, backend) if setting.kernel and backend == "triton" else None
     if why is not None:
         row["status"] = why
