@@ -41,3 +41,23 @@ def test_gpu_tune_smoke_checks_and_writes_every_candidate(tmp_path):
 def test_gpu_tune_without_cuda_refuses():
     result = _run("--out", "unused.csv", interpret=False)
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
+
+
+def test_gpu_all_runs_its_steps_and_writes_the_summary_without_a_gpu(tmp_path):
+    """The one-call GPU script's mechanics, where CUDA is absent: every selected step runs under its limit, a failing
+    step does not stop the others, the summary names each step with its status, and the exit status is 1."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "STEPS": "kernels resnet", "RESNET_COMPILE": "none", "T_WARM": "120"}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_all.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = (out / "summary.txt").read_text()
+    assert "normlab GPU run" in summary and "python" in summary
+    steps = [line.split()[0] for line in summary.splitlines() if line.startswith(("phase0", "bench-", "tune"))]
+    assert steps == ["phase0-tests", "bench-kernels", "bench-resnet50"]
+    assert "FAILED (exit 2)" in summary  # the benchmarks refuse without CUDA, and the run goes on
+    log = (out / "run.log").read_text()
+    assert "timing needs a CUDA GPU" in log and "--graph" in log
+    assert sorted(p.name for p in out.iterdir()) == ["run.log", "summary.txt", "warm.log"]
