@@ -186,38 +186,6 @@ def _passes(module, x, dy, backend):
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
-def _time(fn) -> float:
-    fn()
-    if not torch.cuda.is_available():  # --smoke on CPU: the times mean nothing
-        samples = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(samples)
-    from triton.testing import do_bench
-
-    torch.cuda.synchronize()
-    return float(do_bench(fn, warmup=5, rep=30, return_mode="median"))
-
-
-def _time_graph(fn) -> float | None:
-    """The median time of ``fn`` replayed from a CUDA graph: the GPU's time without host overhead (None on CPU)."""
-    if not torch.cuda.is_available():
-        return None
-    from triton.testing import do_bench_cudagraph
-
-    fn()
-    torch.cuda.synchronize()
-    return float(do_bench_cudagraph(fn, rep=20, return_mode="median"))
-
-
-def _copy_gbps(device) -> float:
-    src = torch.ones(2**28 if device.type == "cuda" else 2**10, device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / (_time(lambda: dst.copy_(src)) * 1e6)
-
-
 def _profile(device) -> None:
     """Per-kernel CUDA time of one forward+backward at the first three cases (committed constants), normlab and
     torch: which launch costs what."""
@@ -327,7 +295,13 @@ def main(argv=None) -> int:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     env = {"device": name, "torch": torch.__version__, "triton": triton.__version__}
-    copy_gbps = _copy_gbps(device)
+    from normlab.lab import bench
+
+    if device.type == "cuda":  # the benchmarks' own timers: do_bench medians, CUDA-graph replays
+        time_ms, graph_ms = bench.cuda_timer(smoke=False), bench.cuda_graph_timer()
+    else:  # --smoke on CPU: the times mean nothing
+        time_ms, graph_ms = bench.cpu_timer(reps=3), (lambda fn: None)
+    copy_gbps = bench.copy_bandwidth_gbps(device, time_ms, (1 << 28) if device.type == "cuda" else (1 << 10))
     print(f"{env['device']}: copy {copy_gbps:.0f} GB/s, torch {env['torch']}, triton {env['triton']}", flush=True)
     if device.type == "cuda":
         try:
@@ -347,8 +321,8 @@ def main(argv=None) -> int:
             module = importlib.import_module(f"normlab.kernels.{MODULES[op]}")
             x, dy, ours, theirs = _build(case, device)
             if i not in eager:
-                eager[i] = {name: _time(fn) for name, fn in _passes(theirs, x, dy, "reference").items()}
-                eager[i]["graph"] = _time_graph(_passes(theirs, x, dy, "reference")["fwd+bwd"])
+                eager[i] = {name: time_ms(fn) for name, fn in _passes(theirs, x, dy, "reference").items()}
+                eager[i]["graph"] = graph_ms(_passes(theirs, x, dy, "reference")["fwd+bwd"])
                 ref = _passes(theirs, x, dy, "reference")["fwd+bwd"]()
                 ref_y = _passes(theirs, x, dy, "reference")["fwd"]().detach()
                 eager[i]["ref"] = (ref_y, ref[0])
@@ -368,16 +342,15 @@ def main(argv=None) -> int:
                     y = fns["fwd"]().detach()
                     dx = fns["fwd+bwd"]()[0]
                     errs = {"rel_err_y": _rel(y, ref_y), "rel_err_dx": _rel(dx, ref_dx)}
-                    times = {name: _time(fn) for name, fn in fns.items()}
-                    times["graph"] = _time_graph(fns["fwd+bwd"])
+                    times = {name: time_ms(fn) for name, fn in fns.items()}
+                    times["graph"] = graph_ms(fns["fwd+bwd"])
                 status = "ok"
             except Exception as err:
                 times, errs, status = {}, {}, f"error: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
-            traffic = {"fwd": 2, "fwd+bwd": 5}
             for name in ("fwd", "fwd+bwd"):
                 ms = times.get(name)
                 e = eager[i][name]
-                nbytes = traffic[name] * math.prod(shape) * x.element_size()
+                nbytes = bench.roofline_bytes(math.prod(shape), x.element_size(), name)
                 writer.writerow(
                     {
                         **row,

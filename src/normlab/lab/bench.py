@@ -76,6 +76,9 @@ __all__ = [
     "resnet_targets",
     "roofline_bytes",
     "copy_bandwidth_gbps",
+    "cuda_timer",
+    "cuda_graph_timer",
+    "cpu_timer",
     "parse_shape",
     "add_bench_parser",
 ]
@@ -412,7 +415,7 @@ def _compile_reset() -> None:
 Timer = Callable[[Callable[[], object]], float]
 
 
-def _cuda_timer(smoke: bool) -> Timer:
+def cuda_timer(smoke: bool) -> Timer:
     warmup_ms, rep_ms = (2, 5) if smoke else (5, 30)
     try:
         from triton.testing import do_bench
@@ -430,7 +433,7 @@ def _cuda_timer(smoke: bool) -> Timer:
     return time_ms
 
 
-def _cuda_graph_timer() -> Timer:
+def cuda_graph_timer() -> Timer:
     """Median time of ``fn`` replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``: many calls unrolled
     in one graph, no L2 flush between them): the GPU's time, without the host's launch and Python overhead."""
     from triton.testing import do_bench_cudagraph
@@ -456,7 +459,7 @@ def _cuda_event_median(fn, reps: int) -> float:
     return statistics.median(samples)
 
 
-def _cpu_timer(reps: int) -> Timer:
+def cpu_timer(reps: int) -> Timer:
     def time_ms(fn):
         fn()
         samples = []
@@ -715,8 +718,8 @@ def bench_kernels(
                 )
     device, backend = _resolve_device_and_backend(owner, smoke, backend)
 
-    timer = _cuda_timer(smoke) if device.type == "cuda" else _cpu_timer(reps=2)
-    graph_timer = _cuda_graph_timer() if graph and device.type == "cuda" else None
+    timer = cuda_timer(smoke) if device.type == "cuda" else cpu_timer(reps=2)
+    graph_timer = cuda_graph_timer() if graph and device.type == "cuda" else None
     copy_numel = (1 << 20) if smoke else (1 << 28)  # 4 MiB / 1 GiB of float32
     copy_gbps = copy_bandwidth_gbps(device, timer, copy_numel)
     _free(device)
