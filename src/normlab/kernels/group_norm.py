@@ -145,10 +145,6 @@ def _stage2_blocks(splits: int, groups: int, group_size: int) -> tuple[int, int,
     return block_k, block_g, block_cg
 
 
-def _sm_count(device: torch.device) -> int:
-    return sm_count(device, _SM_COUNT_WITHOUT_CUDA)
-
-
 # ---- Triton helpers -----------------------------------------------------------------------------------------------
 
 
@@ -546,7 +542,7 @@ def _bwd_dx_kernel(
 
 
 def _config(f, groups: int, device: torch.device) -> Blocks:
-    return blocks(f.n, groups, f.c // groups, f.s, f.channels_last, _sm_count(device))
+    return blocks(f.n, groups, f.c // groups, f.s, f.channels_last, sm_count(device, _SM_COUNT_WITHOUT_CUDA))
 
 
 def _forward(
