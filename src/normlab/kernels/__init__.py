@@ -162,11 +162,11 @@ def commit_if_finite(new_mean, new_var, running_mean, running_var, num_batches_t
     """The batch-norm NaN guard's commit in one Triton launch (``batch_norm.commit_if_finite``) for CUDA buffers
     when normlab's kernels are loaded; returns False without doing anything otherwise (the caller then commits with
     torch ops). See :meth:`normlab.layers.BatchNorm2d` (``nan_guard``)."""
-    stats = (new_mean, new_var, running_mean, running_var)
     if not (running_mean.is_cuda and _triton_ops is not None and not torch.compiler.is_compiling()):
         return False
+    stats = (new_mean, new_var, running_mean, running_var)
     if not all(t.is_contiguous() and t.dtype == running_mean.dtype for t in stats):
-        return False
+        return False  # the commit kernel's preconditions (it raises on them): the torch ops handle these
     from .batch_norm import commit_if_finite as commit
 
     commit(new_mean, new_var, running_mean, running_var, num_batches_tracked, num_nonfinite_batches)

@@ -215,12 +215,9 @@ def eager_function(name: str, forward, setup_context, backward) -> type[torch.au
         setup_context(ctx, args, output)
         return output
 
-    def _backward(ctx, *grads):
-        return backward(ctx, *grads)
-
     namespace = {
         "forward": staticmethod(_forward),
-        "backward": staticmethod(_backward),
+        "backward": staticmethod(backward),
         "__doc__": f"Eager autograd of {name} (normlab.kernels._triton_utils.eager_function).",
     }
     return type(name, (torch.autograd.Function,), namespace)

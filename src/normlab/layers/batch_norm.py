@@ -135,16 +135,14 @@ class _BatchNorm(RunningStatsNormBase):
                 self._warn_nonfinite_once()
             return
         counters = (self.num_batches_tracked, self.num_nonfinite_batches)
-        if kernels.commit_if_finite(new_mean, new_var, self.running_mean, self.running_var, *counters):
-            # one Triton launch for what the torch ops below take about ten for (CUDA, normlab's kernels loaded)
-            self._check_nonfinite(x)
-            return
-        with torch.no_grad():
-            ok = torch.isfinite(new_var.sum())
-            self.running_mean.copy_(torch.where(ok, new_mean, self.running_mean))
-            self.running_var.copy_(torch.where(ok, new_var, self.running_var))
-            self.num_batches_tracked.add_(ok.long())
-            self.num_nonfinite_batches.add_((~ok).long())
+        # one Triton launch (CUDA, normlab's kernels loaded) for what the torch ops below take about ten for
+        if not kernels.commit_if_finite(new_mean, new_var, self.running_mean, self.running_var, *counters):
+            with torch.no_grad():
+                ok = torch.isfinite(new_var.sum())
+                self.running_mean.copy_(torch.where(ok, new_mean, self.running_mean))
+                self.running_var.copy_(torch.where(ok, new_var, self.running_var))
+                self.num_batches_tracked.add_(ok.long())
+                self.num_nonfinite_batches.add_((~ok).long())
         self._check_nonfinite(x)
 
     def _check_nonfinite(self, x: torch.Tensor) -> None:
