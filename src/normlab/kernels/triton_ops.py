@@ -67,6 +67,10 @@ def _tiny(x: torch.Tensor) -> bool:
     return x.numel() < _TINY
 
 
+def _big(x: torch.Tensor) -> bool:
+    return x.numel() >= (1 << 22)
+
+
 def _channels_last_2d(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
@@ -80,7 +84,7 @@ SLOWER_THAN_TORCH: dict[str, Callable[[torch.Tensor], bool]] = {  # GPU time
     "group_norm": lambda x: _tiny(x) or (_channels_last_2d(x) and x.shape[1] <= 64),
     # float32 BatchNorm at small batch, (2, 256, 56, 56): 0.68x torch's speed NCHW, 0.90x channels-last; and
     # channels-last float32 at (32, 64, 112, 112): 0.93x (1.03x at (32, 256, 56, 56))
-    "batch_norm": lambda x: _tiny(x) or (x.dtype == torch.float32 and (x.numel() < (1 << 22) or _channels_last_2d(x))),
+    "batch_norm": lambda x: _tiny(x) or (x.dtype == torch.float32 and (not _big(x) or _channels_last_2d(x))),
     # InstanceNorm: channels-last half precision at batch 2, (2, 256, 56, 56) bf16: 0.87x; NCHW float32 over 64
     # channels, (32, 64, 112, 112): 0.91x (1.15x at 256 channels)
     "instance_norm": lambda x: (
@@ -98,23 +102,27 @@ table), and tiny inputs (:data:`_TINY`). ``backend="triton"`` always runs the ke
 torch counterpart: their kernels always run."""
 
 
-def _big(x: torch.Tensor) -> bool:
-    return x.numel() >= (1 << 22)
-
-
 def _nchw_2d(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous()
+
+
+def _eager_group_stats(x: torch.Tensor) -> bool:
+    return not (_big(x) and x.dtype == torch.float32 and _channels_last_2d(x))
+
+
+def _eager_channel_stats(x: torch.Tensor) -> bool:
+    return not (_big(x) and (_nchw_2d(x) or x.shape[1] <= 64))
 
 
 SLOWER_THAN_TORCH_EAGER: dict[str, Callable[[torch.Tensor], bool]] = {
     # BatchNorm lost everywhere in wall time except NCHW at 112 x 112 (torch's NCHW kernel is slow there: 2.2x)
     "batch_norm": lambda x: not (_big(x) and _nchw_2d(x) and x.shape[2] * x.shape[3] >= 4096),
     # GroupNorm / InstanceNorm won only in float32 channels-last (torch's 0.8 ms there: 1.1-1.3x)
-    "group_norm": lambda x: not (_big(x) and x.dtype == torch.float32 and _channels_last_2d(x)),
-    "instance_norm": lambda x: not (_big(x) and x.dtype == torch.float32 and _channels_last_2d(x)),
+    "group_norm": _eager_group_stats,
+    "instance_norm": _eager_group_stats,
     # LayerNorm2d / RMSNorm2d won NCHW (torch permutes: 1.3-6.2x) and channels-last over 64 channels (1.1-2.9x)
-    "layer_norm2d": lambda x: not (_big(x) and (_nchw_2d(x) or x.shape[1] <= 64)),
-    "rms_norm2d": lambda x: not (_big(x) and (_nchw_2d(x) or x.shape[1] <= 64)),
+    "layer_norm2d": _eager_channel_stats,
+    "rms_norm2d": _eager_channel_stats,
 }
 """op -> predicate, applied besides :data:`SLOWER_THAN_TORCH`: where it is true, ``auto`` runs torch's op, because
 normlab's kernel measured slower in *wall time* (host cost included) in ``normlab bench kernels`` on an H100
