@@ -980,11 +980,12 @@ def _resnet_runs(settings: list[str], *, compiled: bool, graph: bool = False) ->
 def _resnet_row(name, mode, config_name, *, device, backend, probe, image_size, batch, steps, warmup) -> dict:
     """One measured (or unavailable, or failed) setting as a CSV row, without its cost and environment columns."""
     setting, config = RESNET_SETTINGS[name], RESNET_CONFIGS[config_name]
+    backend = setting.backend or backend
     row = {
         "config": config_name,
         "setting": name,
         "mode": mode,
-        "backend": (setting.backend or backend) if setting.kernel else None,
+        "backend": backend if setting.kernel else None,
         "batch": batch,
         "image_size": image_size,
         "precision": config.precision,
@@ -995,7 +996,6 @@ def _resnet_row(name, mode, config_name, *, device, backend, probe, image_size, 
         "first_step_s": None,
         "graph_breaks": None,
     }
-    backend = setting.backend or backend
     why = _unavailable(setting.kernel, probe, backend) if setting.kernel and backend == "triton" else None
     if why is not None:
         row["status"] = why
