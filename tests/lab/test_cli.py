@@ -105,3 +105,23 @@ def test_a_missing_optional_package_is_an_error_message_not_a_traceback(tmp_path
     err = capsys.readouterr().err
     assert 'normlab study: error: MNIST-1D needs the mnist1d package: pip install "normlab[lab]"' in err
     assert "normlab demo: error: MNIST-1D needs" in err
+
+
+
+def test_the_console_entry_exits_with_main_status_and_flushed_output(tmp_path):
+    # under torchrun (WORLD_SIZE > 1) it leaves through os._exit: the status and buffered output must survive that
+    import os
+    import subprocess
+    import sys
+
+    def entry(world_size, *args):
+        argv = [sys.executable, "-m", "normlab.lab.cli", *args]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"WORLD_SIZE": world_size}
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+
+    for world_size in ("1", "2"):
+        done = entry(world_size, "report", str(tmp_path))
+        assert done.returncode == 2 and "normlab report: error:" in done.stderr, done.stderr
+    done = entry("2", "demo", "--tiny", "--epochs", "1")
+    assert done.returncode == 0, done.stderr
+    assert "GroupNorm's statistics are per sample" in done.stdout  # the last lines, still in stdout's buffer

@@ -2,12 +2,9 @@
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -15,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from normlab.lab.runs import RunStore
 from normlab.lab.trainer import (
@@ -30,6 +26,7 @@ from normlab.lab.trainer import (
     train_run,
     warmup_cosine,
 )
+from tests.distributed import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = {"in_features": 8, "hidden": [32, 16], "num_classes": 3}
@@ -360,77 +357,43 @@ def test_rich_and_tqdm_progress_when_installed(tmp_path):
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, port, root, errfile):
-    try:
-        # what torchrun sets
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank)
-        )
-        info = init_distributed()
-        assert (info.rank, info.world_size, info.device.type) == (rank, WORLD, "cpu") and dist.get_backend() == "gloo"
-        assert init_distributed() == info  # idempotent
-        torch.set_num_threads(1)
-        configs = [cfg("ln", batch_size=4), cfg("bn", batch_size=4)]
-        summary = sweep(configs, RunStore(root, study="ddp"), tiny_data(), quiet=True)
-        again = sweep(configs, RunStore(root, study="ddp"), tiny_data(), quiet=True)  # every rank skips
-        out = {
-            "trained": summary.trained,
-            "skipped_again": again.skipped,
-            "dirs": [None if r.dir is None else str(r.dir) for r in summary.results],
-            "metrics": [_without_time(r.metrics) for r in summary.results],
-        }
-        Path(root).parent.joinpath(f"rank{rank}.json").write_text(json.dumps(out))
-        dist.barrier()  # no rank tears gloo down while another still talks to it (a SIGABRT seen in CI otherwise)
-        dist.destroy_process_group()
-    except BaseException as e:  # surface the child's failure in the parent
-        with open(errfile, "a") as f:
-            f.write(f"rank {rank}: {type(e).__name__}: {e}\n")
-        raise
+def _ddp_rank(rank, root):
+    info = init_distributed()
+    assert (info.rank, info.world_size, info.device.type) == (rank, WORLD, "cpu") and dist.get_backend() == "gloo"
+    assert init_distributed() == info  # idempotent
+    configs = [cfg("ln", batch_size=4), cfg("bn", batch_size=4)]
+    summary = sweep(configs, RunStore(root, study="ddp"), tiny_data(), quiet=True)
+    again = sweep(configs, RunStore(root, study="ddp"), tiny_data(), quiet=True)  # every rank skips
+    out = {
+        "trained": summary.trained,
+        "skipped_again": again.skipped,
+        "dirs": [None if r.dir is None else str(r.dir) for r in summary.results],
+        "metrics": [_without_time(r.metrics) for r in summary.results],
+    }
+    Path(root).parent.joinpath(f"rank{rank}.json").write_text(json.dumps(out))
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_ranks_match_one_process_at_the_global_batch():
-    with tempfile.TemporaryDirectory() as d:
-        root, errfile = Path(d) / "store", os.path.join(d, "err")
-        for attempt in range(2):
-            try:
-                mp.spawn(_ddp_worker, args=(_free_port(), str(root), errfile), nprocs=WORLD, join=True)
-                break
-            except mp.ProcessExitedException:
-                if os.path.exists(errfile):  # an assertion or error inside a rank: a real failure
-                    with open(errfile) as f:
-                        pytest.fail(f.read())
-                # A rank killed by a signal without writing errfile: gloo aborted it at teardown ("terminate
-                # called without an active exception"), seen twice on a heavily loaded shared machine. One retry
-                # from a clean store; a second crash fails the test.
-                if attempt == 1:
-                    raise
-                shutil.rmtree(root, ignore_errors=True)
-                for r in range(WORLD):
-                    (Path(d) / f"rank{r}.json").unlink(missing_ok=True)
-        ranks = [json.loads((Path(d) / f"rank{r}.json").read_text()) for r in range(WORLD)]
-        store = RunStore(root, study="ddp")
-        names = ranks[0]["trained"]
-        assert ranks[1]["trained"] == names and all("-w2-" in n for n in names)
-        assert ranks[0]["skipped_again"] == ranks[1]["skipped_again"] == names
-        assert ranks[0]["dirs"] == [str(store.path(n)) for n in names] and ranks[1]["dirs"] == [None, None]
-        assert sorted(p.name for p in root.iterdir()) == sorted([*names, "study.json"])  # only rank 0 wrote
-        assert ranks[0]["metrics"] == ranks[1]["metrics"]  # all-reduced: every rank reports the same numbers
-        config, rows = store.load(names[0])
-        assert config["world_size"] == 2 and config["batch_size"] == 4
-        env = store.load_env(names[0])
-        assert env["world_size"] == 2 and env["backend"] == "gloo"
-        # LayerNorm's statistics are per sample: 2 ranks x batch 4 train as 1 process at batch 8
-        single = train_run(cfg("ln", batch_size=8), None, tiny_data())
-        assert len(rows) == len(single.metrics)
-        for ddp_row, one_row in zip(rows, single.metrics):
-            assert ddp_row["lr"] == pytest.approx(one_row["lr"]) and ddp_row["step"] == one_row["step"]
-            for key in ("train_loss", "test_loss", "grad_norm_mean"):
-                assert ddp_row[key] == pytest.approx(one_row[key], rel=1e-4), key
-            assert abs(ddp_row["test_error"] - one_row["test_error"]) <= 100 / 96 + 1e-9
+def test_ddp_two_gloo_ranks_match_one_process_at_the_global_batch(tmp_path):
+    root = tmp_path / "store"
+    run_ranks(_ddp_rank, str(root), world=WORLD, torchrun_env=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    store = RunStore(root, study="ddp")
+    names = ranks[0]["trained"]
+    assert ranks[1]["trained"] == names and all("-w2-" in n for n in names)
+    assert ranks[0]["skipped_again"] == ranks[1]["skipped_again"] == names
+    assert ranks[0]["dirs"] == [str(store.path(n)) for n in names] and ranks[1]["dirs"] == [None, None]
+    assert sorted(p.name for p in root.iterdir()) == sorted([*names, "study.json"])  # only rank 0 wrote
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]  # all-reduced: every rank reports the same numbers
+    config, rows = store.load(names[0])
+    assert config["world_size"] == 2 and config["batch_size"] == 4
+    env = store.load_env(names[0])
+    assert env["world_size"] == 2 and env["backend"] == "gloo"
+    # LayerNorm's statistics are per sample: 2 ranks x batch 4 train as 1 process at batch 8
+    single = train_run(cfg("ln", batch_size=8), None, tiny_data())
+    assert len(rows) == len(single.metrics)
+    for ddp_row, one_row in zip(rows, single.metrics):
+        assert ddp_row["lr"] == pytest.approx(one_row["lr"]) and ddp_row["step"] == one_row["step"]
+        for key in ("train_loss", "test_loss", "grad_norm_mean"):
+            assert ddp_row[key] == pytest.approx(one_row[key], rel=1e-4), key
+        assert abs(ddp_row["test_error"] - one_row["test_error"]) <= 100 / 96 + 1e-9

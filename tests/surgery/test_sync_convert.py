@@ -1,14 +1,9 @@
 """to_sync_bn / from_sync_bn: types, shared state, state_dict compatibility, dim inference, and a 2-process run."""
 
 import copy
-import os
-import socket
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import normlab
@@ -17,6 +12,7 @@ from normlab.layers.frozen_batch_norm import FrozenBatchNorm2d
 from normlab.layers.ghost_batch_norm import GhostBatchNorm2d
 from normlab.surgery.recalibrate import recalibrate_bn
 from normlab.surgery.sync import from_sync_bn, infer_batch_norm_dim, to_sync_bn
+from tests.distributed import run_ranks
 from tests.helpers import randomize_weight_and_bias
 from tests.tolerances import assert_close
 
@@ -195,14 +191,7 @@ def test_invalid_hyperparameters_for_normlab_are_refused_naming_the_module():
 
 # ------------------------------------------------------------------------------------------ 2 gloo processes
 
-WORLD = 2
 SIZES = (3, 5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torch_model():
@@ -213,41 +202,25 @@ def _torch_model():
     return model
 
 
-def _worker(rank, port, errfile):
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        torch.set_num_threads(1)
-        g = torch.Generator().manual_seed(4)
-        xs = [torch.randn(n, 3, 2, 3, generator=g) * 2 + 1 for n in SIZES]
-        ref = _torch_model()
-        y_ref = ref(torch.cat(xs)).split(SIZES)[rank]
-        model, _ = to_sync_bn(_torch_model())
-        y = model(xs[rank])
-        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-        for i in (1, 4):
-            torch.testing.assert_close(model[i].running_mean, ref[i].running_mean, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(model[i].running_var, ref[i].running_var, rtol=1e-5, atol=1e-5)
-        # recalibration of a synchronized model merges every rank's batches, as its forward does
-        recalibrate_bn(model, [xs[rank], xs[rank] + 1], num_batches=2)
-        with torch.no_grad():
-            h = ref[0].double()(torch.cat(xs + [x + 1 for x in xs]).double()).transpose(0, 1).flatten(1)
-        torch.testing.assert_close(model[1].running_mean, h.mean(1).float(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model[1].running_var, h.var(1).float(), rtol=1e-5, atol=1e-5)
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException as e:  # surface the child's failure in the parent
-        with open(errfile, "a") as f:
-            f.write(f"rank {rank}: {type(e).__name__}: {e}\n")
-        raise
+def _check_rank(rank):
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(n, 3, 2, 3, generator=g) * 2 + 1 for n in SIZES]
+    ref = _torch_model()
+    y_ref = ref(torch.cat(xs)).split(SIZES)[rank]
+    model, _ = to_sync_bn(_torch_model())
+    y = model(xs[rank])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for i in (1, 4):
+        torch.testing.assert_close(model[i].running_mean, ref[i].running_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model[i].running_var, ref[i].running_var, rtol=1e-5, atol=1e-5)
+    # recalibration of a synchronized model merges every rank's batches, as its forward does
+    recalibrate_bn(model, [xs[rank], xs[rank] + 1], num_batches=2)
+    with torch.no_grad():
+        h = ref[0].double()(torch.cat(xs + [x + 1 for x in xs]).double()).transpose(0, 1).flatten(1)
+    torch.testing.assert_close(model[1].running_mean, h.mean(1).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model[1].running_var, h.var(1).float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
 def test_converted_model_computes_synced_statistics_over_two_gloo_processes():
-    with tempfile.TemporaryDirectory() as d:
-        errfile = os.path.join(d, "err")
-        try:
-            mp.spawn(_worker, args=(_free_port(), errfile), nprocs=WORLD, join=True)
-        except Exception:
-            with open(errfile) as f:
-                pytest.fail(f.read())
+    run_ranks(_check_rank)
