@@ -107,7 +107,6 @@ def test_a_missing_optional_package_is_an_error_message_not_a_traceback(tmp_path
     assert "normlab demo: error: MNIST-1D needs" in err
 
 
-
 def test_the_console_entry_exits_with_main_status_and_flushed_output(tmp_path):
     # under torchrun (WORLD_SIZE > 1) it leaves through os._exit: the status and buffered output must survive that
     import os
