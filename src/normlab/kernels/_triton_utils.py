@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -79,13 +79,13 @@ def act_code(owner: str, act: str | None) -> int:
     return ACTIVATIONS.index(name)
 
 
-@dataclass(frozen=True)
-class Flat:
+class Flat(NamedTuple):
     """An (N, C, *) tensor seen as (N, C, S) with S the product of the spatial sizes (1 for (N, C)).
 
     ``tensor`` is the input itself when its layout allows the view (contiguous, or channels-last: one stride per
     dim of (N, C, S)), else a contiguous copy. Outputs allocated with ``torch.empty_like(tensor)`` share the
     strides, so a kernel that indexes ``n * stride_n + c * stride_c + s * stride_s`` writes them in the same layout.
+    A named tuple: built on every kernel call, three times faster to create than a frozen dataclass.
     """
 
     tensor: torch.Tensor

@@ -537,10 +537,10 @@ def _launch_stats(f: Flat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return pcount, pmean, pm2
 
 
-def _launch_normalize(x, y, mean, inv, weight, bias, eps: float, act: int, inv_is_var: bool, commit=None) -> None:
-    """The normalizing pass; ``commit`` = (new_mean, new_var, running_mean, running_var, num_batches_tracked,
-    num_nonfinite_batches) also runs the NaN guard's commit in it (see ``_commit_if_finite``)."""
-    f = flat(x)
+def _launch_normalize(f: Flat, y, mean, inv, weight, bias, eps: float, act: int, inv_is_var: bool, commit=None):
+    """The normalizing pass over ``f`` (``flat(x)``); ``commit`` = (new_mean, new_var, running_mean, running_var,
+    num_batches_tracked, num_nonfinite_batches) also runs the NaN guard's commit in it (see ``_commit_if_finite``)."""
+    x = f.tensor
     a, b, channels_last = _elementwise_view(f)
     grid, meta = _elementwise_config(a, b)
     commit_args = commit if commit is not None else (mean,) * 6  # placeholders, unused without COMMIT
@@ -575,7 +575,7 @@ def _train_forward(
             UPDATE=update, ACC=_tl_acc(x.dtype), **meta,
         )  # fmt: skip
         commit = (new_mean, new_var, rmean, rvar, tracked, nonfinite) if guarded else None
-        _launch_normalize(x, y, mean, rstd, weight, bias, eps, act, inv_is_var=False, commit=commit)
+        _launch_normalize(f, y, mean, rstd, weight, bias, eps, act, inv_is_var=False, commit=commit)
     if update:
         # the kernels updated contiguous copies of strided buffers: write them back
         for buffer, updated in ((running_mean, rmean), (running_var, rvar)):
@@ -584,9 +584,9 @@ def _train_forward(
     return y, mean, rstd
 
 
-def _launch_grad_sums(dy, x, mean, inv, weight, bias, eps: float, act: int, batch_stats: bool) -> torch.Tensor:
-    """Stages 1 and 2 of the backward: (sum of dz, sum of dz * xhat) per channel as a (2, C) tensor."""
-    f = flat(x)
+def _launch_grad_sums(dy, f: Flat, mean, inv, weight, bias, eps: float, act: int, batch_stats: bool) -> torch.Tensor:
+    """Stages 1 and 2 of the backward over ``f`` (``flat(x)``): (sum of dz, sum of dz * xhat) per channel, (2, C)."""
+    x = f.tensor
     acc = _acc(x.dtype)
     if f.stride_c == 1:
         grid, meta = _cl_reduce_config(f.n * f.s, f.c)
@@ -619,7 +619,7 @@ def _backward(dy, x, mean, inv, weight, bias, eps: float, act: int, batch_stats:
         return dx, x.new_zeros((2, f.c), dtype=_acc(x.dtype))
     with _device(x):
         if batch_stats or param_grads:
-            sums = _launch_grad_sums(dy, x, mean, inv, weight, bias, eps, act, batch_stats)
+            sums = _launch_grad_sums(dy, f, mean, inv, weight, bias, eps, act, batch_stats)
         else:
             sums = x.new_zeros((2, f.c), dtype=_acc(x.dtype))
         a, b, channels_last = _elementwise_view(f)
@@ -683,7 +683,7 @@ def _affine_forward(x, mean, var, weight, bias, eps, act):
     y = torch.empty_like(x)
     if x.numel() > 0:
         with _device(x):
-            _launch_normalize(x, y, mean.contiguous(), var.contiguous(), weight, bias, eps, act, inv_is_var=True)
+            _launch_normalize(flat(x), y, mean.contiguous(), var.contiguous(), weight, bias, eps, act, inv_is_var=True)
     return y
 
 
