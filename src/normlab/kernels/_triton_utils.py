@@ -7,6 +7,8 @@ machine without Triton.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -34,6 +36,7 @@ __all__ = [
     "unaliased",
     "traced",
     "eager_function",
+    "on_input_device",
     "activation",
     "activation_grad",
 ]
@@ -221,6 +224,29 @@ def eager_function(name: str, forward, setup_context, backward) -> type[torch.au
         "__doc__": f"Eager autograd of {name} (normlab.kernels._triton_utils.eager_function).",
     }
     return type(name, (torch.autograd.Function,), namespace)
+
+
+_NO_SWITCH = contextlib.nullcontext()
+
+
+def on_input_device(fn):
+    """Decorate a function that launches kernels on its first argument's device: run it with that GPU current.
+
+    Triton launches on the *current* CUDA device (and its current stream), whatever device the tensors are on, so a
+    call on a tensor on another GPU than the current one would launch there with pointers it cannot use. torch's
+    own ops switch devices the same way. Costs one device query per call when nothing needs switching; nothing for
+    CPU tensors (the interpreter).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        switch = _NO_SWITCH
+        if x.is_cuda and x.device.index != torch.cuda.current_device():
+            switch = torch.cuda.device(x.device)
+        with switch:
+            return fn(x, *args, **kwargs)
+
+    return wrapper
 
 
 @triton.jit

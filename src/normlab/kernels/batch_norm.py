@@ -56,7 +56,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -76,6 +75,7 @@ from ._triton_utils import (
     flat,
     grads_as_params,
     next_power_of_2,
+    on_input_device,
     traced,
 )
 
@@ -499,11 +499,6 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _device(x: torch.Tensor):
-    """Launch on x's GPU (Triton launches on the current device); nothing to do for CPU tensors (interpreter)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _elementwise_view(f: Flat) -> tuple[int, int, bool]:
     """(A, B, channels_last) of the elementwise kernels: B is the contiguous dimension."""
     if f.stride_c == 1:
@@ -551,6 +546,7 @@ def _launch_normalize(f: Flat, y, mean, inv, weight, bias, eps: float, act: int,
     )  # fmt: skip
 
 
+@on_input_device
 def _train_forward(
     x, weight, bias, running_mean, running_var, tracked, nonfinite, momentum: float, eps: float, act: int
 ):  # fmt: skip
@@ -567,15 +563,14 @@ def _train_forward(
     rvar = running_var.contiguous() if update else rstd
     # guarded, the merge writes the updated statistics to fresh tensors and the normalizing pass commits them
     new_mean, new_var = (torch.empty_like(rmean), torch.empty_like(rvar)) if guarded else (rmean, rvar)
-    with _device(x):
-        pcount, pmean, pm2 = _launch_stats(f)
-        grid, meta = _merge_config(pcount.numel(), f.c)
-        _stats_merge_kernel[grid](
-            pcount, pmean, pm2, mean, rstd, rmean, rvar, new_mean, new_var, pcount.numel(), f.c, momentum, eps,
-            UPDATE=update, ACC=_tl_acc(x.dtype), **meta,
-        )  # fmt: skip
-        commit = (new_mean, new_var, rmean, rvar, tracked, nonfinite) if guarded else None
-        _launch_normalize(f, y, mean, rstd, weight, bias, eps, act, inv_is_var=False, commit=commit)
+    pcount, pmean, pm2 = _launch_stats(f)
+    grid, meta = _merge_config(pcount.numel(), f.c)
+    _stats_merge_kernel[grid](
+        pcount, pmean, pm2, mean, rstd, rmean, rvar, new_mean, new_var, pcount.numel(), f.c, momentum, eps,
+        UPDATE=update, ACC=_tl_acc(x.dtype), **meta,
+    )  # fmt: skip
+    commit = (new_mean, new_var, rmean, rvar, tracked, nonfinite) if guarded else None
+    _launch_normalize(f, y, mean, rstd, weight, bias, eps, act, inv_is_var=False, commit=commit)
     if update:
         # the kernels updated contiguous copies of strided buffers: write them back
         for buffer, updated in ((running_mean, rmean), (running_var, rvar)):
@@ -609,6 +604,7 @@ def _launch_grad_sums(dy, f: Flat, mean, inv, weight, bias, eps: float, act: int
     return psum.sum(1)
 
 
+@on_input_device
 def _backward(dy, x, mean, inv, weight, bias, eps: float, act: int, batch_stats: bool, param_grads: bool):
     f = flat(x)
     dx = torch.empty_like(x)
@@ -617,18 +613,17 @@ def _backward(dy, x, mean, inv, weight, bias, eps: float, act: int, batch_stats:
     mean, inv = mean.contiguous(), inv.contiguous()
     if x.numel() == 0:
         return dx, x.new_zeros((2, f.c), dtype=_acc(x.dtype))
-    with _device(x):
-        if batch_stats or param_grads:
-            sums = _launch_grad_sums(dy, f, mean, inv, weight, bias, eps, act, batch_stats)
-        else:
-            sums = x.new_zeros((2, f.c), dtype=_acc(x.dtype))
-        a, b, channels_last = _elementwise_view(f)
-        grid, meta = _elementwise_config(a, b)
-        _grad_input_kernel[grid](
-            dy, x, dx, mean, inv, _channel_tensor(weight, mean), _channel_tensor(bias, mean), sums,
-            f.c / x.numel(), a, b, f.c, eps, CHANNELS_LAST=channels_last, BATCH_STATS=batch_stats,
-            HAS_W=weight is not None, HAS_B=bias is not None, ACT=act, ACC=_tl_acc(x.dtype), **meta,
-        )  # fmt: skip
+    if batch_stats or param_grads:
+        sums = _launch_grad_sums(dy, f, mean, inv, weight, bias, eps, act, batch_stats)
+    else:
+        sums = x.new_zeros((2, f.c), dtype=_acc(x.dtype))
+    a, b, channels_last = _elementwise_view(f)
+    grid, meta = _elementwise_config(a, b)
+    _grad_input_kernel[grid](
+        dy, x, dx, mean, inv, _channel_tensor(weight, mean), _channel_tensor(bias, mean), sums,
+        f.c / x.numel(), a, b, f.c, eps, CHANNELS_LAST=channels_last, BATCH_STATS=batch_stats,
+        HAS_W=weight is not None, HAS_B=bias is not None, ACT=act, ACC=_tl_acc(x.dtype), **meta,
+    )  # fmt: skip
     return dx, sums
 
 
@@ -679,11 +674,11 @@ def _batch_norm_affine(
     return _affine_forward(x, mean, var, weight, bias, eps, act)
 
 
+@on_input_device
 def _affine_forward(x, mean, var, weight, bias, eps, act):
     y = torch.empty_like(x)
     if x.numel() > 0:
-        with _device(x):
-            _launch_normalize(flat(x), y, mean.contiguous(), var.contiguous(), weight, bias, eps, act, inv_is_var=True)
+        _launch_normalize(flat(x), y, mean.contiguous(), var.contiguous(), weight, bias, eps, act, inv_is_var=True)
     return y
 
 
@@ -891,6 +886,7 @@ def batch_norm(
     return _affine(x, running_mean, running_var, weight, bias, float(eps), code)
 
 
+@on_input_device
 def commit_if_finite(
     new_mean: torch.Tensor,
     new_var: torch.Tensor,
@@ -924,8 +920,7 @@ def commit_if_finite(
     if any(t.device != running_mean.device for t in tensors):
         raise ValueError("commit_if_finite: every tensor must be on running_mean's device")
     check_kernel_input("commit_if_finite", running_mean.reshape(1, c))
-    with _device(running_mean):
-        _commit_kernel[(1,)](*tensors, c, BLOCK=_commit_block(c))
+    _commit_kernel[(1,)](*tensors, c, BLOCK=_commit_block(c))
 
 
 def frozen_batch_norm(

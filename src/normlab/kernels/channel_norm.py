@@ -61,6 +61,7 @@ from ._triton_utils import (
     flat,
     grads_as_params,
     next_power_of_2,
+    on_input_device,
     output_like,
     same_layout,
     sm_count,
@@ -370,6 +371,7 @@ def _channel_norm_fwd(
     return _fwd_impl(x, weight, bias, eps, center, act)
 
 
+@on_input_device
 def _fwd_impl(x, weight, bias, eps, center, act):
     y, mean, rstd = _fwd_outputs(x, center)
     if x.numel() == 0:
@@ -422,6 +424,7 @@ def _channel_norm_bwd(
     return tuple(unaliased(_bwd_impl(dy, x, weight, bias, mean, rstd, center, act)))
 
 
+@on_input_device
 def _bwd_impl(dy, x, weight, bias, mean, rstd, center, act):
     dx = output_like(x)
     if x.numel() == 0:

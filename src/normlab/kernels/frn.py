@@ -59,6 +59,7 @@ from ._triton_utils import (
     flat,
     grads_as_params,
     next_power_of_2,
+    on_input_device,
     output_like,
     same_layout,
     sm_count,
@@ -375,6 +376,7 @@ def _frn_fwd(
     return _fwd_impl(x, weight, bias, tau, eps, learned_eps)
 
 
+@on_input_device
 def _fwd_impl(x, weight, bias, tau, eps, learned_eps):
     y, rstd = _fwd_outputs(x)
     if x.numel() == 0:
@@ -434,6 +436,7 @@ def _frn_bwd(
     return unaliased(_bwd_impl(dy, x, weight, bias, tau, learned_eps, rstd))
 
 
+@on_input_device
 def _bwd_impl(dy, x, weight, bias, tau, learned_eps, rstd):
     dx = output_like(x)
     acc = accumulation_dtype(x.dtype)

@@ -68,6 +68,7 @@ from ._triton_utils import (
     flat,
     grads_as_params,
     next_power_of_2,
+    on_input_device,
     sm_count,
     traced,
 )
@@ -545,6 +546,7 @@ def _config(f, groups: int, device: torch.device) -> Blocks:
     return blocks(f.n, groups, f.c // groups, f.s, f.channels_last, sm_count(device, _SM_COUNT_WITHOUT_CUDA))
 
 
+@on_input_device
 def _forward(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -597,6 +599,7 @@ def _forward(
     return y, mean, var
 
 
+@on_input_device
 def _backward(
     dy: torch.Tensor,
     x: torch.Tensor,
