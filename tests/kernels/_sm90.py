@@ -193,6 +193,8 @@ def _group_norm():
             _fwd_bwd(k.rms_norm, x, _vec(c))
         else:
             _fwd_bwd(k.group_norm, x, 32, _vec(c), _vec(c), act="silu")
+            if c == 64 and not x.is_contiguous():  # channels-last groups of 2: the ROWS layout, also with the gate
+                _fwd_bwd(k.evonorm_s0, x, 32, _vec(c), _vec(c), _vec(c))
 
     _run_cases(sweep, main)
     return k

@@ -75,7 +75,8 @@ def forced_blocks(block_s, block_g, block_cg, span):
     channel chunks, and split positions over programs (the second-stage kernels run)."""
 
     def small(n, groups, group_size, positions, channels_last, sm_count):
-        return kernels.Blocks(block_s, block_g, block_cg, math.ceil(positions / span), span, 1)
+        rows = channels_last and block_cg == group_size and 1 < group_size < 8  # as blocks() decides
+        return kernels.Blocks(block_s, block_g, block_cg, math.ceil(positions / span), span, 1, rows)
 
     with mock.patch.object(kernels, "blocks", small):
         yield
@@ -128,6 +129,19 @@ def test_loops_and_splits(op, channels_last):
     x = make_x((2, 9, 2, 3), channels_last=channels_last)
     with forced_blocks(block_s=2, block_g=2, block_cg=2, span=3):
         assert_matches_reference(op, x, params_for(op, 9))
+
+
+@pytest.mark.parametrize("group_size", [2, 4])
+@pytest.mark.parametrize("op", ["group_norm", "evonorm_s0"])
+def test_narrow_groups_channels_last_as_rows_of_channels(op, group_size):
+    """Channels-last groups of 2 or 4 channels load and store rows of contiguous channels (the ROWS layout): right
+    with the GPU's blocks and with several position tiles (the last partial), position splits and group blocks (the
+    last one partial)."""
+    x = make_x((2, 3 * group_size, 3, 3), channels_last=True)
+    assert kernels.blocks(2, 3, group_size, 9, True, 132).rows
+    assert_matches_reference(op, x, params_for(op, 3 * group_size))
+    with forced_blocks(block_s=2, block_g=2, block_cg=group_size, span=4):
+        assert_matches_reference(op, x, params_for(op, 3 * group_size))
 
 
 @settings(max_examples=12)
@@ -348,6 +362,13 @@ def test_launch_configuration_fills_the_gpu(n, channels_last, groups, group_size
         assert cfg.block_s >= min(positions, 1024) // 2
     if (groups, group_size, channels_last) == (32, 8, True):
         assert (cfg.block_g, cfg.block_cg) == (32, 8)
+    assert cfg.rows is False  # groups of 8 channels (and 1, and wide ones) vectorize along their own axis
+
+
+@pytest.mark.parametrize("group_size, rows", [(2, True), (4, True), (3, False), (8, False)])
+def test_rows_layout_only_for_channels_last_whole_groups_of_2_or_4(group_size, rows):
+    assert kernels.blocks(32, 32, group_size, 112 * 112, True, 132).rows is rows
+    assert kernels.blocks(32, 32, group_size, 112 * 112, False, 132).rows is False
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------------
