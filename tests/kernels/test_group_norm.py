@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 from normlab import functional as reference  # noqa: E402
+from normlab.kernels import channel_norm  # noqa: E402
 from normlab.kernels import group_norm as kernels  # noqa: E402
 from tests.helpers import CHANNELS_LAST, assert_all_close, forward_backward, grad_like, in_format  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
@@ -181,6 +182,16 @@ def test_group_norm_odd_sizes(shape, num_groups, channels_last):
     actual = forward_backward(lambda x, w, b: kernels.group_norm(x, num_groups, w, b), x, w, b)
     expected = forward_backward(lambda x, w, b: reference.group_norm(x, num_groups, w, b), x, w, b)
     assert_all_close(actual, expected, scale=3)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_rows_run_the_channel_norm_kernels(op, monkeypatch):
+    """(N, C) rows (transformer activations) go to the per-position kernels, which tile whole rows."""
+    centered = []
+    unchecked = channel_norm.unchecked_channel_norm
+    monkeypatch.setattr(channel_norm, "unchecked_channel_norm", lambda *a: centered.append(a[4]) or unchecked(*a))
+    assert_matches_reference(op, make_x((37, 300), torch.bfloat16), params_for(op, 300, torch.bfloat16))
+    assert centered == [op == "layer_norm"]
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])

@@ -492,8 +492,10 @@ _channel_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 _ChannelNorm = eager_function("_ChannelNorm", _fwd_impl, _setup_context, _backward)
 
 
-def _channel_norm(x, weight, bias, eps: float, center: bool, act: int) -> torch.Tensor:
-    """The normalized output: ``normlab::channel_norm_fwd`` where traced, else its eager Function."""
+def unchecked_channel_norm(x, weight, bias, eps: float, center: bool, act: int) -> torch.Tensor:
+    """The normalized output, unchecked: ``normlab::channel_norm_fwd`` where traced, else its eager Function.
+    ``center`` selects LayerNorm (else RMSNorm), ``act`` is an activation code. For callers that validated ``x``
+    and the parameters, e.g. LayerNorm / RMSNorm over (N, C) rows in :mod:`normlab.kernels.group_norm`."""
     return (_channel_norm_fwd if traced(x) else _ChannelNorm.apply)(x, weight, bias, eps, center, act)[0]
 
 
@@ -539,7 +541,7 @@ def layer_norm2d(
     """
     code = act_code("layer_norm2d", act)
     check_kernel_input("layer_norm2d", x, weight=weight, bias=bias)
-    return _channel_norm(x, weight, bias, eps, True, code)
+    return unchecked_channel_norm(x, weight, bias, eps, True, code)
 
 
 def rms_norm2d(
@@ -575,4 +577,4 @@ def rms_norm2d(
     """
     code = act_code("rms_norm2d", act)
     check_kernel_input("rms_norm2d", x, weight=weight)
-    return _channel_norm(x, weight, None, eps, False, code)
+    return unchecked_channel_norm(x, weight, None, eps, False, code)

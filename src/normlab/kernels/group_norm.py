@@ -14,6 +14,9 @@ rms_norm          1       x rstd w, with var replaced by the mean of squares (me
 evonorm_s0        G       x sigmoid(v x) rstd w + b (v=None: group norm)
 ================  ======  =====================================================================================
 
+LayerNorm and RMSNorm of an (N, C) input (transformer rows, no positions) run the per-position kernels of
+:mod:`normlab.kernels.channel_norm` instead, which take tiles of whole rows.
+
 One set of kernels serves all five; constexpr flags select the variant (RMS statistics, the sigmoid GATE, the
 CENTER term of the input gradient, the activation ACT, present parameters, the layout).
 
@@ -62,6 +65,7 @@ import triton.language as tl
 from ..functional._checks import check_divides, check_input, check_positive_int, check_spatial_has_values
 from ..functional._stats import accumulation_dtype
 from ..functional.batch_norm import update_running_stats
+from . import channel_norm
 from ._triton_utils import (
     act_code,
     activation,
@@ -814,6 +818,16 @@ def _normalize(
     return op(x, weight, bias, v, mean_in, var_in, num_groups, float(eps), center, code)
 
 
+def _rows(owner: str, x, weight, bias, eps: float, center: bool, act: str | None) -> torch.Tensor:
+    """LayerNorm / RMSNorm of (N, C) rows (transformer activations): one statistic per row over its C contiguous
+    values, which is what the per-position kernels of :mod:`normlab.kernels.channel_norm` compute for an input
+    without positions (a tile of rows per program, a persistent backward). This module's kernels split work by
+    sample and position, and a row has no positions to split."""
+    code = act_code(owner, act)
+    check_kernel_input(owner, x, weight=weight, bias=bias)
+    return channel_norm.unchecked_channel_norm(x, weight, bias, float(eps), center, code)
+
+
 def group_norm(
     x: torch.Tensor,
     num_groups: int,
@@ -931,7 +945,7 @@ def layer_norm(
         + \beta_c\right)
 
     Args:
-        x: input (N, C, *) on CUDA (or CPU under ``TRITON_INTERPRET=1``).
+        x: input (N, C, *) on CUDA (or CPU under ``TRITON_INTERPRET=1``); an (N, C) input normalizes each row.
         weight, bias: optional (C,) affine parameters.
         eps: added to the variance.
         act: fused activation, None / "none", "relu" or "silu".
@@ -947,6 +961,8 @@ def layer_norm(
         y = layer_norm(x.cuda(), weight, bias)
     """
     check_kernel_input("layer_norm", x)
+    if x.dim() == 2:
+        return _rows("layer_norm", x, weight, bias, eps, True, act)
     return _normalize("layer_norm", x, 1, weight, bias, None, eps, True, act)[0]
 
 
@@ -961,7 +977,7 @@ def rms_norm(
     The mean square is accumulated as mean and centered sum of squares (``E[x^2] = Var[x] + E[x]^2``).
 
     Args:
-        x: input (N, C, *) on CUDA (or CPU under ``TRITON_INTERPRET=1``).
+        x: input (N, C, *) on CUDA (or CPU under ``TRITON_INTERPRET=1``); an (N, C) input normalizes each row.
         weight: optional (C,) scale.
         eps: added to the mean of squares.
         act: fused activation, None / "none", "relu" or "silu".
@@ -977,6 +993,8 @@ def rms_norm(
         y = rms_norm(x.cuda(), weight)
     """
     check_kernel_input("rms_norm", x)
+    if x.dim() == 2:
+        return _rows("rms_norm", x, weight, None, eps, False, act)
     return _normalize("rms_norm", x, 1, weight, None, None, eps, False, act)[0]
 
 

@@ -77,6 +77,7 @@ def _channels_last_2d(x: torch.Tensor) -> bool:
 
 SLOWER_THAN_TORCH: dict[str, Callable[[torch.Tensor], bool]] = {  # GPU time
     # transformer rows (N, C): torch's fused LayerNorm / RMSNorm took 0.36-0.50x normlab's GPU time at (16384, 1024)
+    # on the group-statistics kernels; rows now run the channel-norm kernels, not yet measured on a GPU
     "layer_norm": lambda x: _tiny(x) or x.dim() == 2,
     "rms_norm": lambda x: _tiny(x) or x.dim() == 2,
     # channels-last GroupNorm over few channels per group (GroupNorm(32) of 64 channels at (32, 64, 112, 112)): 0.86x
