@@ -228,6 +228,31 @@ def _channel_param(ptr, chan, mask, PRESENT: tl.constexpr, default, dtype: tl.co
 
 
 @triton.jit
+def _group_stats(mean_ptr, var_ptr, n, stat_stride_n, groups, g_ok, eps):
+    """(mean, rstd) of this program's groups (per channel given ``stat_stride_n`` 0 and running statistics)."""
+    mean = tl.load(mean_ptr + n * stat_stride_n + groups, mask=g_ok, other=0.0)
+    rstd = tl.rsqrt(tl.load(var_ptr + n * stat_stride_n + groups, mask=g_ok, other=1.0) + eps)
+    return mean, rstd
+
+
+@triton.jit
+def _chunk(groups, g_ok, c0, CG: tl.constexpr, BLOCK_CG: tl.constexpr):
+    """(mask, channel indices) [BLOCK_G, BLOCK_CG] of channels ``c0 ..`` of each group."""
+    cg = c0 + tl.arange(0, BLOCK_CG)
+    return g_ok[:, None] & (cg < CG)[None, :], groups[:, None] * CG + cg[None, :]
+
+
+@triton.jit
+def _chunk_params(w_ptr, b_ptr, v_ptr, chan, c_ok, HAS_W: tl.constexpr, HAS_B: tl.constexpr, GATE: tl.constexpr,
+                  dtype: tl.constexpr):  # fmt: skip
+    """The weight (1 when absent), bias and v (0 when absent) of the chunk's channels."""
+    w = _channel_param(w_ptr, chan, c_ok, HAS_W, 1.0, dtype)
+    b = _channel_param(b_ptr, chan, c_ok, HAS_B, 0.0, dtype)
+    v = _channel_param(v_ptr, chan, c_ok, GATE, 0.0, dtype)
+    return w, b, v
+
+
+@triton.jit
 def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     """Chan et al.'s parallel merge of two (count, mean, M2) summaries."""
     count = count_a + count_b
@@ -277,9 +302,7 @@ def _stats_kernel(
     mean = tl.zeros([BLOCK_G], acc)
     m2 = tl.zeros([BLOCK_G], acc)
     for c0 in range(0, CG, BLOCK_CG):
-        cg = c0 + tl.arange(0, BLOCK_CG)
-        c_ok = g_ok[:, None] & (cg < CG)[None, :]
-        chan = groups[:, None] * CG + cg[None, :]
+        c_ok, chan = _chunk(groups, g_ok, c0, CG, BLOCK_CG)
         # Welford per tile lane: the loop body is elementwise; lanes are merged once per channel chunk.
         lane_count = tl.zeros([BLOCK_S], acc)
         lane_mean = tl.zeros([BLOCK_S, BLOCK_G, BLOCK_CG], acc)
@@ -379,16 +402,11 @@ def _normalize_kernel(
     acc: tl.constexpr = mean_ptr.dtype.element_ty
     row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
     g_ok = groups < G
-    mean = tl.load(mean_ptr + n * stat_stride_n + groups, mask=g_ok, other=0.0)
-    rstd = tl.rsqrt(tl.load(var_ptr + n * stat_stride_n + groups, mask=g_ok, other=1.0) + eps)
+    mean, rstd = _group_stats(mean_ptr, var_ptr, n, stat_stride_n, groups, g_ok, eps)
     base = n.to(tl.int64) * stride_n
     for c0 in range(0, CG, BLOCK_CG):
-        cg = c0 + tl.arange(0, BLOCK_CG)
-        c_ok = g_ok[:, None] & (cg < CG)[None, :]
-        chan = groups[:, None] * CG + cg[None, :]
-        w = _channel_param(w_ptr, chan, c_ok, HAS_W, 1.0, acc)
-        b = _channel_param(b_ptr, chan, c_ok, HAS_B, 0.0, acc)
-        v = _channel_param(v_ptr, chan, c_ok, GATE, 0.0, acc)
+        c_ok, chan = _chunk(groups, g_ok, c0, CG, BLOCK_CG)
+        w, b, v = _chunk_params(w_ptr, b_ptr, v_ptr, chan, c_ok, HAS_W, HAS_B, GATE, acc)
         scale = (rstd[:, None] * w)[None, :, :]
         for s0 in range(s_lo, s_hi, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
@@ -442,16 +460,11 @@ def _bwd_reduce_kernel(
     acc: tl.constexpr = mean_ptr.dtype.element_ty
     row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
     g_ok = groups < G
-    mean = tl.load(mean_ptr + n * stat_stride_n + groups, mask=g_ok, other=0.0)
-    rstd = tl.rsqrt(tl.load(var_ptr + n * stat_stride_n + groups, mask=g_ok, other=1.0) + eps)
+    mean, rstd = _group_stats(mean_ptr, var_ptr, n, stat_stride_n, groups, g_ok, eps)
     base = n.to(tl.int64) * stride_n
     for c0 in range(0, CG, BLOCK_CG):
-        cg = c0 + tl.arange(0, BLOCK_CG)
-        c_ok = g_ok[:, None] & (cg < CG)[None, :]
-        chan = groups[:, None] * CG + cg[None, :]
-        w = _channel_param(w_ptr, chan, c_ok, HAS_W, 1.0, acc)
-        b = _channel_param(b_ptr, chan, c_ok, HAS_B, 0.0, acc)
-        v = _channel_param(v_ptr, chan, c_ok, GATE, 0.0, acc)
+        c_ok, chan = _chunk(groups, g_ok, c0, CG, BLOCK_CG)
+        w, b, v = _chunk_params(w_ptr, b_ptr, v_ptr, chan, c_ok, HAS_W, HAS_B, GATE, acc)
         sum_a = tl.zeros([BLOCK_S, BLOCK_G, BLOCK_CG], acc)
         sum_b = tl.zeros([BLOCK_S, BLOCK_G, BLOCK_CG], acc)
         sum_v = tl.zeros([BLOCK_S, BLOCK_G, BLOCK_CG], acc)
@@ -503,9 +516,7 @@ def _bwd_group_sums_kernel(
     sum_a = tl.zeros([BLOCK_G], acc)
     sum_b = tl.zeros([BLOCK_G], acc)
     for c0 in range(0, CG, BLOCK_CG):
-        cg = c0 + tl.arange(0, BLOCK_CG)
-        c_ok = g_ok[:, None] & (cg < CG)[None, :]
-        chan = groups[:, None] * CG + cg[None, :]
+        c_ok, chan = _chunk(groups, g_ok, c0, CG, BLOCK_CG)
         total_a = tl.zeros([BLOCK_G, BLOCK_CG], acc)
         total_b = tl.zeros([BLOCK_G, BLOCK_CG], acc)
         for k0 in range(0, splits, BLOCK_K):
@@ -558,20 +569,17 @@ def _bwd_dx_kernel(
     acc: tl.constexpr = mean_ptr.dtype.element_ty
     row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
     g_ok = groups < G
-    mean = tl.load(mean_ptr + n * stat_stride_n + groups, mask=g_ok, other=0.0)[None, :, None]
-    rstd = tl.rsqrt(tl.load(var_ptr + n * stat_stride_n + groups, mask=g_ok, other=1.0) + eps)[None, :, None]
+    mean, rstd = _group_stats(mean_ptr, var_ptr, n, stat_stride_n, groups, g_ok, eps)
+    mean, rstd = mean[None, :, None], rstd[None, :, None]
     if STATS_GRAD:
         c2 = tl.load(c2_ptr + n * G + groups, mask=g_ok, other=0.0)[None, :, None]
         if CENTER:
             c1 = tl.load(c1_ptr + n * G + groups, mask=g_ok, other=0.0)[None, :, None]
     base = n.to(tl.int64) * stride_n
     for c0 in range(0, CG, BLOCK_CG):
-        cg = c0 + tl.arange(0, BLOCK_CG)
-        c_ok = g_ok[:, None] & (cg < CG)[None, :]
-        chan = groups[:, None] * CG + cg[None, :]
-        w = _channel_param(w_ptr, chan, c_ok, HAS_W, 1.0, acc)[None, :, :]
-        b = _channel_param(b_ptr, chan, c_ok, HAS_B, 0.0, acc)[None, :, :]
-        v = _channel_param(v_ptr, chan, c_ok, GATE, 0.0, acc)[None, :, :]
+        c_ok, chan = _chunk(groups, g_ok, c0, CG, BLOCK_CG)
+        w, b, v = _chunk_params(w_ptr, b_ptr, v_ptr, chan, c_ok, HAS_W, HAS_B, GATE, acc)
+        w, b, v = w[None, :, :], b[None, :, :], v[None, :, :]
         for s0 in range(s_lo, s_hi, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             mask = (s < s_hi)[:, None, None] & c_ok[None, :, :]
