@@ -482,3 +482,30 @@ def test_cuda_realistic_shape(op, channels_last):
     actual = forward_backward(lambda x, *p: call(kernels, x, *p), x, *params, g=g)
     expected = forward_backward(lambda x, *p: call(reference, x, *p), x.float(), *params, g=g.float())
     assert_all_close(actual, expected, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels", [64, 128], ids=["groups-of-2", "groups-of-4"])
+@pytest.mark.parametrize("op", ["group_norm", "evonorm_s0"])
+def test_cuda_narrow_groups_channels_last(op, channels):
+    """ResNet-50's stem-side shapes in channels_last bfloat16: GroupNorm(32) over 64 and 128 channels, the ROWS
+    layout, vs the reference on CUDA."""
+    x = make_x((32, channels, 56, 56), channels_last=True).to("cuda", torch.bfloat16)
+    params = [p.cuda() for p in params_for(op, channels)]
+    assert kernels.blocks(32, 32, channels // 32, 56 * 56, True, 132).rows
+    g = grad_like(x)
+    actual = forward_backward(lambda x, *p: GPU_CALLS[op](kernels, x, *p), x, *params, g=g)
+    expected = forward_backward(lambda x, *p: GPU_CALLS[op](reference, x, *p), x.float(), *params, g=g.float())
+    assert_all_close(actual, expected, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_cuda_transformer_rows(op):
+    """(16384, 1024) bfloat16 rows through the channel-norm kernels vs the reference on CUDA."""
+    x = make_x((16384, 1024)).to("cuda", torch.bfloat16)
+    params = [p.cuda() for p in params_for(op, 1024)]
+    g = grad_like(x)
+    actual = forward_backward(lambda x, *p: OPS[op][0](kernels, x, *p), x, *params, g=g)
+    expected = forward_backward(lambda x, *p: OPS[op][0](reference, x, *p), x.float(), *params, g=g.float())
+    assert_all_close(actual, expected, dtype=torch.bfloat16)
