@@ -74,6 +74,7 @@ from ._triton_utils import (
     eager_function,
     flat,
     grads_as_params,
+    needs_grad,
     next_power_of_2,
     on_input_device,
     traced,
@@ -736,7 +737,7 @@ _BatchNormAffine = eager_function("_BatchNormAffine", _affine_forward, _affine_s
 
 def _affine(x, mean, var, weight, bias, eps: float, act: int) -> torch.Tensor:
     """``normlab::batch_norm_affine`` with its autograd: the custom op where traced, else its eager Function."""
-    return (_batch_norm_affine if traced(x) else _BatchNormAffine.apply)(x, mean, var, weight, bias, eps, act)
+    return (_batch_norm_affine if traced(x) else _BatchNormAffine.call)(x, mean, var, weight, bias, eps, act)
 
 
 class _BatchNormTrain(torch.autograd.Function):
@@ -880,7 +881,10 @@ def batch_norm(
             running_mean = running_var = None
         counters = nan_guard if nan_guard is not None else (None, None)
         momentum = float(momentum) if update else 0.0
-        return _BatchNormTrain.apply(x, weight, bias, running_mean, running_var, *counters, momentum, float(eps), code)
+        args = (x, weight, bias, running_mean, running_var, *counters, momentum, float(eps), code)
+        if not traced(x) and not needs_grad(args):  # inference-style call: no autograd.Function overhead
+            return _train_forward(*args)[0]
+        return _BatchNormTrain.apply(*args)
     if running_var is None:
         raise ValueError("batch_norm: running_mean is given but running_var=None; pass both or neither")
     return _affine(x, running_mean, running_var, weight, bias, float(eps), code)

@@ -496,7 +496,7 @@ def unchecked_channel_norm(x, weight, bias, eps: float, center: bool, act: int) 
     """The normalized output, unchecked: ``normlab::channel_norm_fwd`` where traced, else its eager Function.
     ``center`` selects LayerNorm (else RMSNorm), ``act`` is an activation code. For callers that validated ``x``
     and the parameters, e.g. LayerNorm / RMSNorm over (N, C) rows in :mod:`normlab.kernels.group_norm`."""
-    return (_channel_norm_fwd if traced(x) else _ChannelNorm.apply)(x, weight, bias, eps, center, act)[0]
+    return (_channel_norm_fwd if traced(x) else _ChannelNorm.call)(x, weight, bias, eps, center, act)[0]
 
 
 # ---- public functions -----------------------------------------------------------------------------------------

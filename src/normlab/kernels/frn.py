@@ -570,5 +570,5 @@ def filter_response_norm(
     """
     check_input("filter_response_norm", x, (3, 4, 5), None)
     check_kernel_input("filter_response_norm", x, weight=weight, bias=bias, tau=tau, learned_eps=learned_eps)
-    fwd = _frn_fwd if traced(x) else _FilterResponseNorm.apply
+    fwd = _frn_fwd if traced(x) else _FilterResponseNorm.call
     return fwd(x, weight, bias, tau, eps, learned_eps)[0]

@@ -822,7 +822,7 @@ def _normalize(
     weight, bias, v = (None if p is None else p.contiguous() for p in (weight, bias, v))
     mean_in, var_in = (None, None) if running is None else running
     x = flat(x).tensor
-    op = _group_stats_norm if traced(x) else _GroupStatsNorm.apply
+    op = _group_stats_norm if traced(x) else _GroupStatsNorm.call
     return op(x, weight, bias, v, mean_in, var_in, num_groups, float(eps), center, code)
 
 
