@@ -109,6 +109,7 @@ def _resources(kernel, tools) -> dict:
         m = re.search(r"REG:(\d+)\s+STACK:(\d+)", usage)
         regs, stack = (int(m.group(1)), int(m.group(2))) if m else (None, None)
         result = {"regs": regs, "stack": stack, "shared": kernel.metadata.shared}
+        result["loop_loads"] = loop_global_loads(kernel.asm["ptx"])
         if stack:
             ptx = os.path.join(tmp, "k.ptx")
             with open(ptx, "w") as fh:
@@ -118,6 +119,22 @@ def _resources(kernel, tools) -> dict:
             m = re.search(r"(\d+) bytes spill stores", log)
             result["spill_stores_default_regalloc"] = int(m.group(1)) if m else None
     return result
+
+
+def loop_global_loads(ptx: str) -> list[str]:
+    """The widths of the global loads inside the kernel's loops (a backward branch's body in the PTX), e.g.
+    ``["v4.b32"]``: 16-byte vectors, or ``"b16"`` for scalar 2-byte loads."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\$L__BB\d+_\d+):", line))}
+    widths = set()
+    for i, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+)", line)
+        if m and labels.get(m.group(1), i) < i:
+            for body in lines[labels[m.group(1)] : i]:
+                load = re.search(r"ld\.global(?:\.\w+)*?\.((?:v[248]\.)?[bfsu]\d+)\b", body)
+                if load:
+                    widths.add(load.group(1))
+    return sorted(widths)
 
 
 def _as_cuda(module, name: str) -> None:
