@@ -106,7 +106,8 @@ phase0() {
         done
     fi
     if has resnet; then
-        for setting in torch-bn normlab-bn normlab-gn torch-gn none normlab-bn-auto normlab-gn-auto; do
+        for setting in torch-bn normlab-bn normlab-gn torch-gn none normlab-bn-auto normlab-gn-auto normlab-bn-auto-gpu \
+            normlab-gn-auto-gpu; do
             "$PY" -m normlab.lab.cli bench resnet50 --settings "$setting" --steps 1 --warmup 1 \
                 "${RESNET_ARGS[@]}" --out "$WARM/r-$setting.csv" >>"$OUT/warm.log" 2>&1 &
         done

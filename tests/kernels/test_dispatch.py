@@ -65,6 +65,24 @@ def test_auto_takes_the_kernel_for_cuda_inputs_unless_torch_was_measured_faster(
     assert kernels.resolve("group_norm", x, "triton") is triton_ops.group_norm  # forcing ignores the table
 
 
+def test_auto_gpu_routes_by_the_gpu_time_table_alone(monkeypatch):
+    class FakeCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    x = torch.randn(2, 4, 3, 3).as_subclass(FakeCuda)
+    monkeypatch.setattr(triton_ops, "SLOWER_THAN_TORCH", {})
+    monkeypatch.setattr(triton_ops, "SLOWER_THAN_TORCH_EAGER", {"group_norm": lambda t: True})
+    assert kernels.resolve("group_norm", x, "auto") is native.group_norm  # the wall-time table
+    assert kernels.resolve("group_norm", x, "auto-gpu") is triton_ops.group_norm  # ignored
+    monkeypatch.setitem(triton_ops.SLOWER_THAN_TORCH, "group_norm", lambda t: True)
+    assert kernels.resolve("group_norm", x, "auto-gpu") is native.group_norm  # the GPU-time table applies
+    assert kernels.resolve("group_norm", torch.randn(2, 4, 3, 3), "auto-gpu") is native.group_norm  # CPU: torch's
+    with kernels.use_backend("auto-gpu"):
+        assert kernels.get_backend() == "auto-gpu"
+
+
 @pytest.mark.parametrize(
     "op,shape,dtype,channels_last,torch_wins",
     [

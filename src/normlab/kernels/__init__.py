@@ -7,8 +7,13 @@ Backends:
                    one (``triton_ops.OPS``), on any input; the other ops run as under ``auto``. A RuntimeError
                    when Triton or normlab's kernels cannot be imported.
     ``auto``       (default) triton for CUDA inputs when Triton is importable and the op has a kernel (unless the
-                   kernel was measured slower than torch for such an input: ``triton_ops.prefers_torch``), else
-                   native where it exists, else reference.
+                   kernel was measured slower than torch for such an input, in GPU time or in the wall time of eager
+                   calls: ``triton_ops.prefers_torch``), else native where it exists, else reference.
+    ``auto-gpu``   as ``auto``, but torch's op only where the kernel was measured slower in GPU time
+                   (``triton_ops.SLOWER_THAN_TORCH``): for steps captured in CUDA graphs, where the GPU's time is
+                   all that counts, and for hosts that launch kernels faster than the measured machine, whose slow
+                   host the wall-time table reflects. The choice depends on the input's shape, dtype and layout
+                   only, so a CUDA graph's warm-up compiles every kernel its capture will launch.
 
 The default comes from the environment variable ``NORMLAB_BACKEND`` (read at import) and can be changed with
 :func:`set_backend` or, for a block, :func:`use_backend`. Every dispatched call also takes ``backend=`` to force one.
@@ -42,7 +47,7 @@ __all__ = [
     "commit_if_finite",
 ]
 
-BACKENDS = ("auto", "native", "reference", "triton")
+BACKENDS = ("auto", "auto-gpu", "native", "reference", "triton")
 
 
 def _validated(name: str) -> str:
@@ -60,7 +65,7 @@ def get_backend() -> str:
 
 
 def set_backend(name: str) -> None:
-    """Set the default backend for every dispatched op ("auto", "native", "reference" or "triton")."""
+    """Set the default backend for every dispatched op: one of :data:`BACKENDS`."""
     global _backend
     _backend = _validated(name)
     if _backend == "triton":
@@ -124,7 +129,7 @@ def resolve(op: str, x: torch.Tensor, backend: str | None = None) -> Callable:
         return impl if impl is not None else getattr(native, op, reference)  # no kernel: as under "auto"
     if x.is_cuda:
         impl = _triton_impl(op)
-        if impl is not None and not _triton_ops.prefers_torch(op, x):
+        if impl is not None and not _triton_ops.prefers_torch(op, x, wall_time=name == "auto"):
             return impl
     return getattr(native, op, reference)
 

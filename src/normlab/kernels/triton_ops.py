@@ -135,7 +135,9 @@ compiled ones. In a CUDA graph only the GPU time counts and the kernels win more
 capture, so ``auto`` does not switch implementations when a capture starts)."""
 
 
-def prefers_torch(op: str, x: torch.Tensor) -> bool:
+def prefers_torch(op: str, x: torch.Tensor, *, wall_time: bool = True) -> bool:
     """True where the kernel of ``op`` was measured slower than torch for inputs like ``x``, in GPU time
-    (:data:`SLOWER_THAN_TORCH`) or in wall time (:data:`SLOWER_THAN_TORCH_EAGER`)."""
-    return any(rule(x) for rule in (SLOWER_THAN_TORCH.get(op), SLOWER_THAN_TORCH_EAGER.get(op)) if rule is not None)
+    (:data:`SLOWER_THAN_TORCH`) or, with ``wall_time``, in the wall time of eager calls
+    (:data:`SLOWER_THAN_TORCH_EAGER`; the ``auto`` backend applies both, ``auto-gpu`` the first only)."""
+    rules = (SLOWER_THAN_TORCH.get(op), SLOWER_THAN_TORCH_EAGER.get(op) if wall_time else None)
+    return any(rule(x) for rule in rules if rule is not None)

@@ -156,7 +156,7 @@ _DTYPES = {
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
 _LAYOUTS = {"channels_last": "channels_last", "cl": "channels_last", "nhwc": "channels_last", "nchw": "nchw"}
 _COMPILE_SCOPES = ("all", "bf16-cl", "none")
-_BACKENDS = ("triton", "reference", "native", "auto")
+_BACKENDS = ("triton", "reference", "native", "auto", "auto-gpu")
 
 _SHAPES = ((32, 256, 56, 56), (32, 64, 112, 112), (2, 256, 56, 56))
 _ROWS = (16384, 1024)
@@ -788,6 +788,11 @@ RESNET_SETTINGS: dict[str, _Setting] = {
     # what a user gets by default: the dispatch picks torch's op where the kernel measured slower (triton_ops)
     "normlab-bn-auto": _Setting("normlab BatchNorm2d, backend auto", "bn", "batch_norm", backend="auto"),
     "normlab-gn-auto": _Setting("normlab GroupNorm(32), backend auto", "gn:32", "group_norm", backend="auto"),
+    # routed by GPU time alone (backend auto-gpu): what a CUDA-graph step should use
+    "normlab-bn-auto-gpu": _Setting("normlab BatchNorm2d, backend auto-gpu", "bn", "batch_norm", backend="auto-gpu"),
+    "normlab-gn-auto-gpu": _Setting(
+        "normlab GroupNorm(32), backend auto-gpu", "gn:32", "group_norm", backend="auto-gpu"
+    ),
     "torch-gn": _Setting("torch GroupNorm(32)", _torch_group_norm32),
     "none": _Setting("no norm (Identity)", "none"),
 }
@@ -902,6 +907,20 @@ _RATIOS = (
     ("normlab-gn graph / torch-bn graph", ("normlab-gn", "graph"), ("torch-bn", "graph"), "step", None),
     ("normlab-gn graph / torch-gn graph", ("normlab-gn", "graph"), ("torch-gn", "graph"), "step", None),
     ("normlab-bn norm cost / torch-bn norm cost (graph)", ("normlab-bn", "graph"), ("torch-bn", "graph"), "cost", None),
+    (
+        "normlab-gn-auto-gpu graph / torch-bn graph",
+        ("normlab-gn-auto-gpu", "graph"),
+        ("torch-bn", "graph"),
+        "step",
+        None,
+    ),
+    (
+        "normlab-bn-auto-gpu graph / torch-bn graph",
+        ("normlab-bn-auto-gpu", "graph"),
+        ("torch-bn", "graph"),
+        "step",
+        None,
+    ),
 )
 
 
