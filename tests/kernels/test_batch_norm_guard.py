@@ -323,3 +323,5 @@ def test_layers_commit_through_the_kernel_only_for_cuda_buffers(monkeypatch):
     assert kernels.commit_if_finite(*fake, *counters) and len(calls) == 1
     strided = torch.zeros(6).as_subclass(FakeCuda)[::2]
     assert not kernels.commit_if_finite(fake[0], fake[1], strided, fake[3], *counters)  # torch ops do it then
+    monkeypatch.setattr(kernels, "_triton_ops", False)  # a CUDA machine where normlab's kernels failed to load
+    assert not kernels.commit_if_finite(*fake, *counters) and len(calls) == 1  # the torch ops commit then

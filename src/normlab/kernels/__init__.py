@@ -167,7 +167,7 @@ def commit_if_finite(new_mean, new_var, running_mean, running_var, num_batches_t
     """The batch-norm NaN guard's commit in one Triton launch (``batch_norm.commit_if_finite``) for CUDA buffers
     when normlab's kernels are loaded; returns False without doing anything otherwise (the caller then commits with
     torch ops). See :meth:`normlab.layers.BatchNorm2d` (``nan_guard``)."""
-    if not (running_mean.is_cuda and _triton_ops is not None and not torch.compiler.is_compiling()):
+    if not (running_mean.is_cuda and _triton_ops and not torch.compiler.is_compiling()):  # loaded, not failed
         return False
     stats = (new_mean, new_var, running_mean, running_var)
     if not all(t.is_contiguous() and t.dtype == running_mean.dtype for t in stats):
