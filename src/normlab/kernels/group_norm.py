@@ -197,7 +197,8 @@ def _load_tile(ptr, offs, mask, s, s_hi, C, ROWS: tl.constexpr, BLOCK_S: tl.cons
                BLOCK_CG: tl.constexpr):  # fmt: skip
     """The [BLOCK_S, BLOCK_G, BLOCK_CG] tile at ``offs`` (``mask``). ROWS loads it as rows of contiguous channels,
     then splits the channels into groups: a group of 2 or 4 channels is too narrow for vector loads along its own
-    axis (Triton vectorizes along the innermost axis of the tile only; measured 4x slower on an H100)."""
+    axis (Triton vectorizes along the innermost axis of the tile only). Without ROWS, GroupNorm over groups of 2
+    channels ran 4x slower than over groups of 8 on an H100, with 4-byte loads where 8 channels get 16-byte ones."""
     if ROWS:
         row_offs, row_mask = _row_tile(s, s_hi, C, BLOCK_S, BLOCK_G, BLOCK_CG)
         t = tl.reshape(tl.load(ptr + row_offs, mask=row_mask, other=0.0), (BLOCK_S, BLOCK_G, BLOCK_CG))
