@@ -192,6 +192,8 @@ def _run_cases(sweep, main, *, rows: bool = True) -> None:
 
 
 def _group_norm():
+    import torch
+
     from normlab.kernels import group_norm as k
 
     def sweep(x, c):
@@ -214,6 +216,8 @@ def _group_norm():
                 _fwd_bwd(k.evonorm_s0, x, 32, _vec(c), _vec(c), _vec(c))
 
     _run_cases(sweep, main)
+    # ResNet-50's stage 3 in float32 NCHW: rows of 14 x 14 positions, 16-byte aligned but not a multiple of 16
+    _fwd_bwd(k.group_norm, _x((32, 1024, 14, 14), torch.float32, False), 32, _vec(1024), _vec(1024))
     return k
 
 

@@ -120,3 +120,18 @@ def test_narrow_channels_last_groups_load_16_byte_vectors(report):
     assert {v["kernel"] for v in rows} == {"_stats_kernel", "_normalize_kernel", "_bwd_reduce_kernel", "_bwd_dx_kernel"}
     for v in rows:
         assert v["loop_loads"] == ["v4.b32"], f"{_label(v)}: loads {v['loop_loads']} in its loops"
+
+
+def test_nchw_rows_load_the_widest_vectors_their_alignment_allows(report):
+    """float32 rows of 14 x 14 positions are 16-byte aligned, but Triton knows a runtime size only as divisible by 16
+    or not; the kernels' S_DIV hint (normlab.kernels.group_norm._with_factor) lets them load 16-byte vectors."""
+    rows = [
+        v
+        for v in report("group_norm")["compiled"]
+        if v["params"].get("S_DIV") == 4 and v["dtypes"]["x_ptr"] == "float32" and v["params"]["BLOCK_CG"] == 16
+    ]
+    assert {v["kernel"] for v in rows} == {"_stats_kernel", "_normalize_kernel", "_bwd_reduce_kernel", "_bwd_dx_kernel"}
+    for v in rows:  # x (and dy) as 16-byte vectors; normalize and dx load per-channel parameters in the outer loop
+        assert "v4.b32" in v["loop_loads"], f"{_label(v)}: loads {v['loop_loads']} in its loops"
+        if v["kernel"] in ("_stats_kernel", "_bwd_reduce_kernel"):
+            assert v["loop_loads"] == ["v4.b32"], f"{_label(v)}: loads {v['loop_loads']} in its loops"

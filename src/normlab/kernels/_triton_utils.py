@@ -31,6 +31,7 @@ __all__ = [
     "vector_arg",
     "cdiv",
     "next_power_of_2",
+    "pow2_factor",
     "sm_count",
     "grads_as_params",
     "unaliased",
@@ -151,6 +152,12 @@ def vector_arg(p: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for host code (``triton.cdiv`` is a constexpr function: several times slower on the host)."""
     return -(-a // b)
+
+
+def pow2_factor(n: int, cap: int = 16) -> int:
+    """The largest power of 2 that divides ``n``, at most ``cap`` (``cap`` for 0): a kernel's constexpr hint of a
+    runtime size's alignment."""
+    return cap if n == 0 else min(n & -n, cap)
 
 
 def next_power_of_2(n: int) -> int:

@@ -25,7 +25,9 @@ Organization. A program owns sample n, a split k of the positions (``span`` cons
 tiles ``[BLOCK_S, BLOCK_G, BLOCK_CG]`` (positions x groups x channels of a group); channels are the contiguous axis
 for channels_last inputs (a tile spans up to 512 channels, e.g. all 256 of a ResNet stage: 32 groups of 8) and
 positions for NCHW inputs (a tile spans up to 1024 positions of a few channels). Groups wider than BLOCK_CG are
-walked in channel chunks. Channels-last groups of 2 or 4 channels (GroupNorm(32) over 64 or 128 channels) are loaded
+walked in channel chunks. NCHW rows whose length is not a multiple of 16 positions get their power-of-2 factor as a
+constexpr (S_DIV, see ``_with_factor``), so that they load the widest vectors their alignment allows. Channels-last
+groups of 2 or 4 channels (GroupNorm(32) over 64 or 128 channels) are loaded
 and stored as [BLOCK_S, BLOCK_G * BLOCK_CG] rows of contiguous channels and reshaped to the 3-D tile in registers
 (the ROWS flag): Triton vectorizes memory accesses along a tile's innermost axis only, and along an axis of 2
 channels the accesses were 4-byte scalars (compiled for sm_90: 16-byte vectors with ROWS, no shared-memory
@@ -77,6 +79,7 @@ from ._triton_utils import (
     grads_as_params,
     next_power_of_2,
     on_input_device,
+    pow2_factor,
     sm_count,
     traced,
 )
@@ -159,6 +162,14 @@ def _stage2_blocks(splits: int, groups: int, group_size: int) -> tuple[int, int,
 
 
 # ---- Triton helpers -----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _with_factor(S, S_DIV: tl.constexpr):
+    """``S``, written so that Triton's alignment analysis sees its power-of-2 factor ``S_DIV`` (a runtime integer is
+    known to divide by 16 or not at all): NCHW rows of S positions then load with the widest vectors their
+    alignment allows (16 bytes for float32 rows of 14 x 14, 8 for bfloat16), not one element at a time."""
+    return (S // S_DIV) * S_DIV
 
 
 @triton.jit
@@ -293,8 +304,10 @@ def _stats_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr,
     ROWS: tl.constexpr,
+    S_DIV: tl.constexpr,
 ):
     """(mean, M2) of each group over this program's positions; with FINAL (one split) the finished (mean, var)."""
+    S = _with_factor(S, S_DIV)
     acc: tl.constexpr = out_mean_ptr.dtype.element_ty
     row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
     g_ok = groups < G
@@ -398,8 +411,10 @@ def _normalize_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr,
     ROWS: tl.constexpr,
+    S_DIV: tl.constexpr,
 ):
     """y = act(xhat w + b) for this program's positions and groups."""
+    S = _with_factor(S, S_DIV)
     acc: tl.constexpr = mean_ptr.dtype.element_ty
     row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
     g_ok = groups < G
@@ -456,8 +471,10 @@ def _bwd_reduce_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr,
     ROWS: tl.constexpr,
+    S_DIV: tl.constexpr,
 ):
     """Per-channel sums over this program's positions of dz xhat, dz and (GATE) dz dz/dv, into row n * splits + k."""
+    S = _with_factor(S, S_DIV)
     acc: tl.constexpr = mean_ptr.dtype.element_ty
     row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
     g_ok = groups < G
@@ -565,8 +582,10 @@ def _bwd_dx_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr,
     ROWS: tl.constexpr,
+    S_DIV: tl.constexpr,
 ):
     """dx = rstd (dz w h' - c1 - (x - mean) rstd c2); without STATS_GRAD (fixed statistics) dx = rstd dz w h'."""
+    S = _with_factor(S, S_DIV)
     acc: tl.constexpr = mean_ptr.dtype.element_ty
     row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
     g_ok = groups < G
@@ -650,7 +669,12 @@ def _forward(
     cfg = _config(f, g, x.device)
     grid = (f.n * cfg.splits, cdiv(g, cfg.block_g))
     tiles = dict(
-        BLOCK_S=cfg.block_s, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, ROWS=cfg.rows, num_warps=cfg.num_warps
+        BLOCK_S=cfg.block_s,
+        BLOCK_G=cfg.block_g,
+        BLOCK_CG=cfg.block_cg,
+        ROWS=cfg.rows,
+        S_DIV=pow2_factor(f.s),
+        num_warps=cfg.num_warps,
     )
     layout = dict(CG=cg, CHANNELS_LAST=f.channels_last)
     rms = not center and v is None
@@ -703,7 +727,12 @@ def _backward(
     cfg = _config(f, g, x.device)
     grid = (f.n * cfg.splits, cdiv(g, cfg.block_g))
     tiles = dict(
-        BLOCK_S=cfg.block_s, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, ROWS=cfg.rows, num_warps=cfg.num_warps
+        BLOCK_S=cfg.block_s,
+        BLOCK_G=cfg.block_g,
+        BLOCK_CG=cfg.block_cg,
+        ROWS=cfg.rows,
+        S_DIV=pow2_factor(f.s),
+        num_warps=cfg.num_warps,
     )
     flags = dict(
         CG=cg, CHANNELS_LAST=f.channels_last, HAS_W=weight is not None, HAS_B=bias is not None, GATE=v is not None
