@@ -122,16 +122,24 @@ def test_narrow_channels_last_groups_load_16_byte_vectors(report):
         assert v["loop_loads"] == ["v4.b32"], f"{_label(v)}: loads {v['loop_loads']} in its loops"
 
 
-def test_nchw_rows_load_the_widest_vectors_their_alignment_allows(report):
+ROW_KERNELS = {
+    "group_norm": ("S_DIV", {"_stats_kernel", "_normalize_kernel", "_bwd_reduce_kernel", "_bwd_dx_kernel"}),
+    "batch_norm": ("S_DIV", {"_stats_nchw_kernel", "_grad_sums_nchw_kernel"}),
+}
+"""Per module: the constexpr that carries a row length's power-of-2 factor, and the kernels whose loops take it."""
+
+
+@pytest.mark.parametrize("module", ROW_KERNELS)
+def test_nchw_rows_load_the_widest_vectors_their_alignment_allows(report, module):
     """float32 rows of 14 x 14 positions are 16-byte aligned, but Triton knows a runtime size only as divisible by 16
-    or not; the kernels' S_DIV hint (normlab.kernels.group_norm._with_factor) lets them load 16-byte vectors."""
+    or not; the kernels' power-of-2 hint (normlab.kernels._triton_utils.with_factor) lets their loops load 16-byte
+    vectors of x (and dy)."""
+    hint, kernels = ROW_KERNELS[module]
     rows = [
         v
-        for v in report("group_norm")["compiled"]
-        if v["params"].get("S_DIV") == 4 and v["dtypes"]["x_ptr"] == "float32" and v["params"]["BLOCK_CG"] == 16
+        for v in report(module)["compiled"]
+        if v["params"].get(hint) == 4 and v["dtypes"]["x_ptr"] == "float32" and v["kernel"] in kernels
     ]
-    assert {v["kernel"] for v in rows} == {"_stats_kernel", "_normalize_kernel", "_bwd_reduce_kernel", "_bwd_dx_kernel"}
-    for v in rows:  # x (and dy) as 16-byte vectors; normalize and dx load per-channel parameters in the outer loop
+    assert {v["kernel"] for v in rows} == kernels
+    for v in rows:
         assert "v4.b32" in v["loop_loads"], f"{_label(v)}: loads {v['loop_loads']} in its loops"
-        if v["kernel"] in ("_stats_kernel", "_bwd_reduce_kernel"):
-            assert v["loop_loads"] == ["v4.b32"], f"{_label(v)}: loads {v['loop_loads']} in its loops"

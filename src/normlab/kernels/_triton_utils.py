@@ -40,6 +40,7 @@ __all__ = [
     "needs_grad",
     "on_input_device",
     "activation",
+    "with_factor",
     "activation_grad",
 ]
 
@@ -268,6 +269,15 @@ def on_input_device(fn):
             return fn(x, *args, **kwargs)
 
     return wrapper
+
+
+@triton.jit
+def with_factor(n, N_DIV: tl.constexpr):
+    """``n``, written so that Triton's alignment analysis sees its power-of-2 factor ``N_DIV`` (:func:`pow2_factor`;
+    the JIT knows a runtime integer only as divisible by 16 or not): rows of n elements then load with the widest
+    vectors their alignment allows (16 bytes for float32 rows of 14 x 14 positions, 8 for bfloat16), not one element
+    at a time."""
+    return (n // N_DIV) * N_DIV
 
 
 @triton.jit

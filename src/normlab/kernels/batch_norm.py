@@ -77,7 +77,9 @@ from ._triton_utils import (
     needs_grad,
     next_power_of_2,
     on_input_device,
+    pow2_factor,
     traced,
+    with_factor,
 )
 
 __all__ = ["batch_norm", "frozen_batch_norm", "commit_if_finite"]
@@ -181,9 +183,10 @@ def _stats_cl_kernel(
 @triton.jit
 def _stats_nchw_kernel(
     x_ptr, pcount_ptr, pmean_ptr, pm2_ptr, N, C, S, N_PER_PROG, S_PER_PROG, GROUPS_S,
-    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, S_DIV: tl.constexpr,
 ):  # fmt: skip
     """Partial count / mean / M2 of channel c over a block of samples and positions of an (N, C, S) input."""
+    S = with_factor(S, S_DIV)
     c = tl.program_id(0)
     g = tl.program_id(1)
     n0 = (g // GROUPS_S) * N_PER_PROG
@@ -291,12 +294,13 @@ def _normalize_kernel(
     new_mean_ptr, new_var_ptr, rmean_ptr, rvar_ptr, tracked_ptr, nonfinite_ptr,
     CHANNELS_LAST: tl.constexpr, INV_IS_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-    COMMIT: tl.constexpr, BLOCK_COMMIT: tl.constexpr,
+    COMMIT: tl.constexpr, BLOCK_COMMIT: tl.constexpr, B_DIV: tl.constexpr,
 ):  # fmt: skip
     """y = act((x - mean) * rstd * weight + bias) over an (A, B) input with B contiguous; the channel is the column
     (channels_last: B = C) or the row modulo C (NCHW: rows are (n, c), B = S). With COMMIT, program (0, 0) also
     runs the NaN guard's commit (``_commit_if_finite``) of the running statistics the merge kernel wrote to
     new_mean / new_var: the guard costs no launch of its own."""
+    B = with_factor(B, B_DIV)
     if COMMIT:
         if tl.program_id(0) + tl.program_id(1) == 0:
             _commit_if_finite(
@@ -357,9 +361,10 @@ def _grad_sums_cl_kernel(
 def _grad_sums_nchw_kernel(
     dy_ptr, x_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, psum_ptr, N, C, S, G, N_PER_PROG, S_PER_PROG, GROUPS_S, eps,
     INV_IS_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, S_DIV: tl.constexpr,
 ):  # fmt: skip
     """Partial sums of dz and dz * xhat of channel c over a block of samples and positions of an (N, C, S) input."""
+    S = with_factor(S, S_DIV)
     c = tl.program_id(0)
     g = tl.program_id(1)
     mean, rstd, scale, shift = _channel_params(
@@ -393,10 +398,11 @@ def _grad_sums_nchw_kernel(
 def _grad_input_kernel(
     dy_ptr, x_ptr, dx_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, sums_ptr, inv_count, A, B, C, eps,
     CHANNELS_LAST: tl.constexpr, BATCH_STATS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, B_DIV: tl.constexpr,
 ):  # fmt: skip
     """dx = weight * rstd * (dz - mean(dz) - xhat * mean(dz * xhat)) with batch statistics, else weight * rstd * dz;
     the layout as in ``_normalize_kernel``; sums_ptr holds (sum dz, sum dz * xhat) as (2, C)."""
+    B = with_factor(B, B_DIV)
     rows = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     cols = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = (rows < A)[:, None] & (cols < B)[None, :]
@@ -524,6 +530,7 @@ def _launch_stats(f: Flat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         grid, meta = _nchw_reduce_config(f.n, f.c, f.s)
         meta = dict(meta)  # a copy: the config is cached
         args = (f.n, f.c, f.s, meta.pop("N_PER_PROG"), meta.pop("S_PER_PROG"), meta.pop("GROUPS_S"))
+        meta["S_DIV"] = pow2_factor(f.s)
         kernel = _stats_nchw_kernel
     groups = grid[0] if f.stride_c == 1 else grid[1]
     pcount = torch.empty(groups, dtype=acc, device=x.device)
@@ -543,7 +550,8 @@ def _launch_normalize(f: Flat, y, mean, inv, weight, bias, eps: float, act: int,
     _normalize_kernel[grid](
         x, y, mean, inv, _channel_tensor(weight, mean), _channel_tensor(bias, mean), a, b, f.c, eps, *commit_args,
         CHANNELS_LAST=channels_last, INV_IS_VAR=inv_is_var, HAS_W=weight is not None, HAS_B=bias is not None,
-        ACT=act, ACC=_tl_acc(x.dtype), COMMIT=commit is not None, BLOCK_COMMIT=_commit_block(f.c), **meta,
+        ACT=act, ACC=_tl_acc(x.dtype), COMMIT=commit is not None, BLOCK_COMMIT=_commit_block(f.c),
+        B_DIV=pow2_factor(b), **meta,
     )  # fmt: skip
 
 
@@ -595,6 +603,7 @@ def _launch_grad_sums(dy, f: Flat, mean, inv, weight, bias, eps: float, act: int
         meta = dict(meta)  # a copy: the config is cached
         groups = grid[1]
         args = (f.n, f.c, f.s, groups, meta.pop("N_PER_PROG"), meta.pop("S_PER_PROG"), meta.pop("GROUPS_S"))
+        meta["S_DIV"] = pow2_factor(f.s)
         kernel = _grad_sums_nchw_kernel
     psum = torch.empty((2, groups, f.c), dtype=acc, device=x.device)
     kernel[grid](
@@ -623,7 +632,8 @@ def _backward(dy, x, mean, inv, weight, bias, eps: float, act: int, batch_stats:
     _grad_input_kernel[grid](
         dy, x, dx, mean, inv, _channel_tensor(weight, mean), _channel_tensor(bias, mean), sums,
         f.c / x.numel(), a, b, f.c, eps, CHANNELS_LAST=channels_last, BATCH_STATS=batch_stats,
-        HAS_W=weight is not None, HAS_B=bias is not None, ACT=act, ACC=_tl_acc(x.dtype), **meta,
+        HAS_W=weight is not None, HAS_B=bias is not None, ACT=act, ACC=_tl_acc(x.dtype), B_DIV=pow2_factor(b),
+        **meta,
     )  # fmt: skip
     return dx, sums
 

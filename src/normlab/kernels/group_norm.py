@@ -26,12 +26,11 @@ tiles ``[BLOCK_S, BLOCK_G, BLOCK_CG]`` (positions x groups x channels of a group
 for channels_last inputs (a tile spans up to 512 channels, e.g. all 256 of a ResNet stage: 32 groups of 8) and
 positions for NCHW inputs (a tile spans up to 1024 positions of a few channels). Groups wider than BLOCK_CG are
 walked in channel chunks. NCHW rows whose length is not a multiple of 16 positions get their power-of-2 factor as a
-constexpr (S_DIV, see ``_with_factor``), so that they load the widest vectors their alignment allows. Channels-last
-groups of 2 or 4 channels (GroupNorm(32) over 64 or 128 channels) are loaded
-and stored as [BLOCK_S, BLOCK_G * BLOCK_CG] rows of contiguous channels and reshaped to the 3-D tile in registers
-(the ROWS flag): Triton vectorizes memory accesses along a tile's innermost axis only, and along an axis of 2
-channels the accesses were 4-byte scalars (compiled for sm_90: 16-byte vectors with ROWS, no shared-memory
-round-trip in the loops).
+constexpr (S_DIV, see ``_triton_utils.with_factor``), so that they load the widest vectors their alignment allows.
+Channels-last groups of 2 or 4 channels (GroupNorm(32) over 64 or 128 channels) are loaded and stored as
+[BLOCK_S, BLOCK_G * BLOCK_CG] rows of contiguous channels and reshaped to the 3-D tile in registers (the ROWS flag):
+Triton vectorizes memory accesses along a tile's innermost axis only, and along an axis of 2 channels the accesses
+were 4-byte scalars (compiled for sm_90: 16-byte vectors with ROWS, no shared-memory round-trip in the loops).
 
 Forward (3 launches, 2 when one split covers all positions):
   1. ``_stats_kernel``: per-lane Welford over the program's positions (no reduction inside the loop), merged per
@@ -82,6 +81,7 @@ from ._triton_utils import (
     pow2_factor,
     sm_count,
     traced,
+    with_factor,
 )
 
 __all__ = ["Blocks", "blocks", "group_norm", "instance_norm", "layer_norm", "rms_norm", "evonorm_s0"]
@@ -162,14 +162,6 @@ def _stage2_blocks(splits: int, groups: int, group_size: int) -> tuple[int, int,
 
 
 # ---- Triton helpers -----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _with_factor(S, S_DIV: tl.constexpr):
-    """``S``, written so that Triton's alignment analysis sees its power-of-2 factor ``S_DIV`` (a runtime integer is
-    known to divide by 16 or not at all): NCHW rows of S positions then load with the widest vectors their
-    alignment allows (16 bytes for float32 rows of 14 x 14, 8 for bfloat16), not one element at a time."""
-    return (S // S_DIV) * S_DIV
 
 
 @triton.jit
@@ -307,7 +299,7 @@ def _stats_kernel(
     S_DIV: tl.constexpr,
 ):
     """(mean, M2) of each group over this program's positions; with FINAL (one split) the finished (mean, var)."""
-    S = _with_factor(S, S_DIV)
+    S = with_factor(S, S_DIV)
     acc: tl.constexpr = out_mean_ptr.dtype.element_ty
     row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
     g_ok = groups < G
@@ -414,7 +406,7 @@ def _normalize_kernel(
     S_DIV: tl.constexpr,
 ):
     """y = act(xhat w + b) for this program's positions and groups."""
-    S = _with_factor(S, S_DIV)
+    S = with_factor(S, S_DIV)
     acc: tl.constexpr = mean_ptr.dtype.element_ty
     row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
     g_ok = groups < G
@@ -474,7 +466,7 @@ def _bwd_reduce_kernel(
     S_DIV: tl.constexpr,
 ):
     """Per-channel sums over this program's positions of dz xhat, dz and (GATE) dz dz/dv, into row n * splits + k."""
-    S = _with_factor(S, S_DIV)
+    S = with_factor(S, S_DIV)
     acc: tl.constexpr = mean_ptr.dtype.element_ty
     row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
     g_ok = groups < G
@@ -585,7 +577,7 @@ def _bwd_dx_kernel(
     S_DIV: tl.constexpr,
 ):
     """dx = rstd (dz w h' - c1 - (x - mean) rstd c2); without STATS_GRAD (fixed statistics) dx = rstd dz w h'."""
-    S = _with_factor(S, S_DIV)
+    S = with_factor(S, S_DIV)
     acc: tl.constexpr = mean_ptr.dtype.element_ty
     row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
     g_ok = groups < G
