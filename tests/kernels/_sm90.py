@@ -222,6 +222,8 @@ def _group_norm():
 
 
 def _channel_norm():
+    import torch
+
     from normlab.kernels import channel_norm as k
 
     _as_cuda(k, "_backward_programs")
@@ -235,6 +237,8 @@ def _channel_norm():
         _fwd_bwd(k.layer_norm2d, x, _vec(c), _vec(c), act="silu")
 
     _run_cases(sweep, main)
+    # ResNet-50's stage 3 in float32 NCHW: rows of 14 x 14 positions, 16-byte aligned but not a multiple of 16
+    _fwd_bwd(k.layer_norm2d, _x((32, 1024, 14, 14), torch.float32, False), _vec(1024), _vec(1024))
     return k
 
 

@@ -125,6 +125,7 @@ def test_narrow_channels_last_groups_load_16_byte_vectors(report):
 ROW_KERNELS = {
     "group_norm": ("S_DIV", {"_stats_kernel", "_normalize_kernel", "_bwd_reduce_kernel", "_bwd_dx_kernel"}),
     "batch_norm": ("S_DIV", {"_stats_nchw_kernel", "_grad_sums_nchw_kernel"}),
+    "channel_norm": ("STRIDE_C_DIV", {"_channel_norm_fwd_kernel", "_channel_norm_bwd_kernel"}),
 }
 """Per module: the constexpr that carries a row length's power-of-2 factor, and the kernels whose loops take it."""
 

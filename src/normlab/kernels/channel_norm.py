@@ -63,11 +63,13 @@ from ._triton_utils import (
     next_power_of_2,
     on_input_device,
     output_like,
+    pow2_factor,
     same_layout,
     sm_count,
     traced,
     unaliased,
     vector_arg,
+    with_factor,
 )
 
 __all__ = ["layer_norm2d", "rms_norm2d"]
@@ -204,7 +206,10 @@ def _channel_norm_fwd_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
     SINGLE: tl.constexpr,
+    S_DIV: tl.constexpr,
+    STRIDE_C_DIV: tl.constexpr,
 ):
+    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # NCHW rows' alignment
     rows, pos, s_mask = _tile(tl.program_id(0), S, stride_n, stride_s, BLOCK_S)
     if SINGLE:
         cols, c_mask, mask, offs = _block(rows, s_mask, 0, C, stride_c, BLOCK_C)
@@ -285,7 +290,10 @@ def _channel_norm_bwd_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
     SINGLE: tl.constexpr,
+    S_DIV: tl.constexpr,
+    STRIDE_C_DIV: tl.constexpr,
 ):
+    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # NCHW rows' alignment
     # partial_ptr: (2, programs, C) float; row ``pid`` of each half belongs to this program alone.
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -398,6 +406,8 @@ def _fwd_impl(x, weight, bias, eps, center, act):
         ACC=_acc_type(x.dtype),
         BLOCK_S=launch.block_s,
         BLOCK_C=launch.block_c,
+        S_DIV=pow2_factor(launch.s),
+        STRIDE_C_DIV=pow2_factor(f.stride_c),
         SINGLE=f.c <= launch.block_c,
         num_warps=launch.num_warps,
     )
@@ -458,6 +468,8 @@ def _bwd_impl(dy, x, weight, bias, mean, rstd, center, act):
         ACC=_acc_type(x.dtype),
         BLOCK_S=launch.block_s,
         BLOCK_C=launch.block_c,
+        S_DIV=pow2_factor(launch.s),
+        STRIDE_C_DIV=pow2_factor(f.stride_c),
         SINGLE=single,
         num_warps=launch.num_warps,
     )

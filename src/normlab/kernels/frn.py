@@ -61,11 +61,13 @@ from ._triton_utils import (
     next_power_of_2,
     on_input_device,
     output_like,
+    pow2_factor,
     same_layout,
     sm_count,
     traced,
     unaliased,
     vector_arg,
+    with_factor,
 )
 
 __all__ = ["filter_response_norm"]
@@ -186,7 +188,10 @@ def _frn_fwd_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
     SINGLE: tl.constexpr,
+    S_DIV: tl.constexpr,
+    STRIDE_C_DIV: tl.constexpr,
 ):
+    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # NCHW rows' alignment
     cols, c_mask, nc, base = _channels(tl.program_id(0), C, stride_n, stride_c, BLOCK_C)
     if SINGLE:
         mask, offs = _positions(base, c_mask, 0, S, stride_s, BLOCK_S)
@@ -229,7 +234,10 @@ def _frn_apply_kernel(
     ACC: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    S_DIV: tl.constexpr,
+    STRIDE_C_DIV: tl.constexpr,
 ):
+    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # NCHW rows' alignment
     cols, c_mask, nc, base = _channels(tl.program_id(0), C, stride_n, stride_c, BLOCK_C)
     start, end = _span(tl.program_id(1), S, blocks_per_split, BLOCK_S)
     rstd = tl.load(rstd_ptr + nc, mask=c_mask, other=0.0)
@@ -278,7 +286,10 @@ def _frn_bwd_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
     SINGLE: tl.constexpr,
+    S_DIV: tl.constexpr,
+    STRIDE_C_DIV: tl.constexpr,
 ):
+    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # NCHW rows' alignment
     # partial_ptr: (3, split, N, C) sums over this program's positions of dz * xhat, dz and dy - dz.
     cols, c_mask, nc, base = _channels(tl.program_id(0), C, stride_n, stride_c, BLOCK_C)
     split = tl.program_id(1)
@@ -338,7 +349,10 @@ def _frn_bwd_apply_kernel(
     ACC: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    S_DIV: tl.constexpr,
+    STRIDE_C_DIV: tl.constexpr,
 ):
+    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # NCHW rows' alignment
     cols, c_mask, nc, base = _channels(tl.program_id(0), C, stride_n, stride_c, BLOCK_C)
     start, end = _span(tl.program_id(1), S, blocks_per_split, BLOCK_S)
     rstd = tl.load(rstd_ptr + nc, mask=c_mask, other=0.0)
@@ -387,7 +401,13 @@ def _fwd_impl(x, weight, bias, tau, eps, learned_eps):
     partial = rstd if launch.single else torch.empty((launch.split, f.n, f.c), device=x.device, dtype=acc)
     strides = (f.stride_n, f.stride_c, f.stride_s)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_TAU=tau is not None, ACC=_acc_type(x.dtype))
-    blocks = dict(BLOCK_S=launch.block_s, BLOCK_C=launch.block_c, num_warps=launch.num_warps)
+    blocks = dict(
+        BLOCK_S=launch.block_s,
+        BLOCK_C=launch.block_c,
+        num_warps=launch.num_warps,
+        S_DIV=pow2_factor(f.s),
+        STRIDE_C_DIV=pow2_factor(f.stride_c),
+    )
     grid = (f.n * launch.c_blocks, launch.split)
     params = (vector_arg(weight, rstd), vector_arg(bias, rstd), vector_arg(tau, rstd))
     _frn_fwd_kernel[grid](
@@ -448,7 +468,13 @@ def _bwd_impl(dy, x, weight, bias, tau, learned_eps, rstd):
         partial = torch.empty((3, launch.split, f.n, f.c), device=x.device, dtype=acc)
         strides = (f.stride_n, f.stride_c, f.stride_s)
         flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_TAU=tau is not None, ACC=_acc_type(x.dtype))
-        blocks = dict(BLOCK_S=launch.block_s, BLOCK_C=launch.block_c, num_warps=launch.num_warps)
+        blocks = dict(
+            BLOCK_S=launch.block_s,
+            BLOCK_C=launch.block_c,
+            num_warps=launch.num_warps,
+            S_DIV=pow2_factor(f.s),
+            STRIDE_C_DIV=pow2_factor(f.stride_c),
+        )
         grid = (f.n * launch.c_blocks, launch.split)
         dy = same_layout(dy, f.tensor)
         params = (vector_arg(weight, rstd), vector_arg(bias, rstd), vector_arg(tau, rstd))
