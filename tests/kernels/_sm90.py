@@ -284,6 +284,8 @@ def _batch_norm():
     _run_cases(sweep, main)
     # ResNet-50's stage 3 in float32 NCHW: rows of 14 x 14 positions, 16-byte aligned but not a multiple of 16
     _fwd_bwd(k.batch_norm, _x((32, 1024, 14, 14), torch.float32, False), *running(1024), _vec(1024), _vec(1024), True)
+    # MobileNet-like channels_last: rows of 24 channels, 32-byte aligned in float32 but not a multiple of 16
+    _fwd_bwd(k.batch_norm, _x((32, 24, 112, 112), torch.float32, True), *running(24), _vec(24), _vec(24), True)
     return k
 
 

@@ -122,24 +122,24 @@ def test_narrow_channels_last_groups_load_16_byte_vectors(report):
         assert v["loop_loads"] == ["v4.b32"], f"{_label(v)}: loads {v['loop_loads']} in its loops"
 
 
-ROW_KERNELS = {
-    "group_norm": ("S_DIV", {"_stats_kernel", "_normalize_kernel", "_bwd_reduce_kernel", "_bwd_dx_kernel"}),
-    "batch_norm": ("S_DIV", {"_stats_nchw_kernel", "_grad_sums_nchw_kernel"}),
-    "channel_norm": ("STRIDE_C_DIV", {"_channel_norm_fwd_kernel", "_channel_norm_bwd_kernel"}),
-}
-"""Per module: the constexpr that carries a row length's power-of-2 factor, and the kernels whose loops take it."""
+ROW_CASES = [
+    ("group_norm", "S_DIV", {"_stats_kernel", "_normalize_kernel", "_bwd_reduce_kernel", "_bwd_dx_kernel"}),
+    ("batch_norm", "S_DIV", {"_stats_nchw_kernel", "_grad_sums_nchw_kernel"}),
+    ("batch_norm", "C_DIV", {"_stats_cl_kernel", "_grad_sums_cl_kernel"}),
+    ("channel_norm", "STRIDE_C_DIV", {"_channel_norm_fwd_kernel", "_channel_norm_bwd_kernel"}),
+]
+"""(module, the constexpr that carries a row length's power-of-2 factor, the kernels whose loops take it)."""
 
 
-@pytest.mark.parametrize("module", ROW_KERNELS)
-def test_nchw_rows_load_the_widest_vectors_their_alignment_allows(report, module):
-    """float32 rows of 14 x 14 positions are 16-byte aligned, but Triton knows a runtime size only as divisible by 16
-    or not; the kernels' power-of-2 hint (normlab.kernels._triton_utils.with_factor) lets their loops load 16-byte
-    vectors of x (and dy)."""
-    hint, kernels = ROW_KERNELS[module]
+@pytest.mark.parametrize("module,hint,kernels", ROW_CASES, ids=[f"{m}-{h}" for m, h, _ in ROW_CASES])
+def test_rows_load_the_widest_vectors_their_alignment_allows(report, module, hint, kernels):
+    """float32 rows of 14 x 14 positions (NCHW) or of 24 channels (channels_last) are 16-byte aligned, but Triton knows
+    a runtime size only as divisible by 16 or not; the kernels' power-of-2 hint
+    (normlab.kernels._triton_utils.with_factor) lets their loops load 16-byte vectors of x (and dy)."""
     rows = [
         v
         for v in report(module)["compiled"]
-        if v["params"].get(hint) == 4 and v["dtypes"]["x_ptr"] == "float32" and v["kernel"] in kernels
+        if v["params"].get(hint) in (4, 8) and v["dtypes"]["x_ptr"] == "float32" and v["kernel"] in kernels
     ]
     assert {v["kernel"] for v in rows} == kernels
     for v in rows:

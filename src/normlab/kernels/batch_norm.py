@@ -155,9 +155,10 @@ def _dz_xhat(dy, x, mean, rstd, scale, shift, ACT: tl.constexpr):
 @triton.jit
 def _stats_cl_kernel(
     x_ptr, pcount_ptr, pmean_ptr, pm2_ptr, P, C, ROWS_PER_PROG,
-    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, C_DIV: tl.constexpr,
 ):  # fmt: skip
     """Partial count / mean / M2 of channels [BLOCK_C] over rows [g * ROWS_PER_PROG, ...) of a (P, C) input."""
+    C = with_factor(C, C_DIV)  # rows of C channels: their alignment, for vector loads
     g = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -329,10 +330,11 @@ def _normalize_kernel(
 def _grad_sums_cl_kernel(
     dy_ptr, x_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, psum_ptr, P, C, G, ROWS_PER_PROG, eps,
     INV_IS_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, C_DIV: tl.constexpr,
 ):  # fmt: skip
     """Partial sums of dz and dz * xhat of channels [BLOCK_C] over a block of rows of a (P, C) input, stored at
     psum[0, g, c] and psum[1, g, c]."""
+    C = with_factor(C, C_DIV)  # rows of C channels: their alignment, for vector loads
     g = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -471,7 +473,10 @@ def _merge_config(groups: int, c: int) -> tuple[tuple[int], dict]:
     """Grid and meta-parameters of the merge of ``groups`` partials per channel."""
     block_c = min(next_power_of_2(c), _MAX_BLOCK_C)
     block_g = min(next_power_of_2(groups), max(1, _TILE // block_c))
-    return (cdiv(c, block_c),), {"BLOCK_G": block_g, "BLOCK_C": block_c, "num_warps": _NUM_WARPS}
+    # 8 warps for full tiles: with 4, 256 groups x 32 channels (channels-last (32, 24, 112, 112)) spilled registers on
+    # sm_90 (255 registers, a 120-byte stack)
+    warps = 8 if block_g * block_c > _TILE // 2 else _NUM_WARPS
+    return (cdiv(c, block_c),), {"BLOCK_G": block_g, "BLOCK_C": block_c, "num_warps": warps}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -525,6 +530,7 @@ def _launch_stats(f: Flat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         grid, meta = _cl_reduce_config(f.n * f.s, f.c)
         meta = dict(meta)  # a copy: the config is cached
         args = (f.n * f.s, f.c, meta.pop("ROWS_PER_PROG"))
+        meta["C_DIV"] = pow2_factor(f.c)
         kernel = _stats_cl_kernel
     else:
         grid, meta = _nchw_reduce_config(f.n, f.c, f.s)
@@ -597,6 +603,7 @@ def _launch_grad_sums(dy, f: Flat, mean, inv, weight, bias, eps: float, act: int
         meta = dict(meta)  # a copy: the config is cached
         groups = grid[0]
         args = (f.n * f.s, f.c, groups, meta.pop("ROWS_PER_PROG"))
+        meta["C_DIV"] = pow2_factor(f.c)
         kernel = _grad_sums_cl_kernel
     else:
         grid, meta = _nchw_reduce_config(f.n, f.c, f.s)
