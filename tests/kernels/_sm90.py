@@ -218,6 +218,8 @@ def _group_norm():
     _run_cases(sweep, main)
     # ResNet-50's stage 3 in float32 NCHW: rows of 14 x 14 positions, 16-byte aligned but not a multiple of 16
     _fwd_bwd(k.group_norm, _x((32, 1024, 14, 14), torch.float32, False), 32, _vec(1024), _vec(1024))
+    # instance norm over rows of 7 x 7 positions, which load element by element (spilled with 4 warps)
+    _fwd_bwd(k.instance_norm, _x((1, 512, 7, 7), torch.bfloat16, False), None, None, _vec(512), _vec(512))
     return k
 
 
@@ -239,6 +241,8 @@ def _channel_norm():
     _run_cases(sweep, main)
     # ResNet-50's stage 3 in float32 NCHW: rows of 14 x 14 positions, 16-byte aligned but not a multiple of 16
     _fwd_bwd(k.layer_norm2d, _x((32, 1024, 14, 14), torch.float32, False), _vec(1024), _vec(1024))
+    # channels_last rows of 40 channels (a stride that is not a multiple of 16: spilled without its hint)
+    _fwd_bwd(k.layer_norm2d, _x((8, 40, 56, 56), torch.bfloat16, True), _vec(40), _vec(40))
     return k
 
 

@@ -276,7 +276,7 @@ def with_factor(n, N_DIV: tl.constexpr):
     """``n``, written so that Triton's alignment analysis sees its power-of-2 factor ``N_DIV`` (:func:`pow2_factor`;
     the JIT knows a runtime integer only as divisible by 16 or not): rows of n elements then load with the widest
     vectors their alignment allows (16 bytes for float32 rows of 14 x 14 positions, 8 for bfloat16), not one element
-    at a time."""
+    at a time. ``N_DIV`` must divide ``n`` (pass ``pow2_factor(n)``), or the result is another number."""
     return (n // N_DIV) * N_DIV
 
 

@@ -208,8 +208,10 @@ def _channel_norm_fwd_kernel(
     SINGLE: tl.constexpr,
     S_DIV: tl.constexpr,
     STRIDE_C_DIV: tl.constexpr,
+    STRIDE_S_DIV: tl.constexpr,
 ):
-    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # NCHW rows' alignment
+    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # rows' alignment, for vectors
+    stride_s = with_factor(stride_s, STRIDE_S_DIV)
     rows, pos, s_mask = _tile(tl.program_id(0), S, stride_n, stride_s, BLOCK_S)
     if SINGLE:
         cols, c_mask, mask, offs = _block(rows, s_mask, 0, C, stride_c, BLOCK_C)
@@ -292,8 +294,10 @@ def _channel_norm_bwd_kernel(
     SINGLE: tl.constexpr,
     S_DIV: tl.constexpr,
     STRIDE_C_DIV: tl.constexpr,
+    STRIDE_S_DIV: tl.constexpr,
 ):
-    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # NCHW rows' alignment
+    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # rows' alignment, for vectors
+    stride_s = with_factor(stride_s, STRIDE_S_DIV)
     # partial_ptr: (2, programs, C) float; row ``pid`` of each half belongs to this program alone.
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -408,6 +412,7 @@ def _fwd_impl(x, weight, bias, eps, center, act):
         BLOCK_C=launch.block_c,
         S_DIV=pow2_factor(launch.s),
         STRIDE_C_DIV=pow2_factor(f.stride_c),
+        STRIDE_S_DIV=pow2_factor(launch.stride_s),
         SINGLE=f.c <= launch.block_c,
         num_warps=launch.num_warps,
     )
@@ -470,6 +475,7 @@ def _bwd_impl(dy, x, weight, bias, mean, rstd, center, act):
         BLOCK_C=launch.block_c,
         S_DIV=pow2_factor(launch.s),
         STRIDE_C_DIV=pow2_factor(f.stride_c),
+        STRIDE_S_DIV=pow2_factor(launch.stride_s),
         SINGLE=single,
         num_warps=launch.num_warps,
     )

@@ -190,8 +190,10 @@ def _frn_fwd_kernel(
     SINGLE: tl.constexpr,
     S_DIV: tl.constexpr,
     STRIDE_C_DIV: tl.constexpr,
+    STRIDE_S_DIV: tl.constexpr,
 ):
-    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # NCHW rows' alignment
+    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # rows' alignment, for vectors
+    stride_s = with_factor(stride_s, STRIDE_S_DIV)
     cols, c_mask, nc, base = _channels(tl.program_id(0), C, stride_n, stride_c, BLOCK_C)
     if SINGLE:
         mask, offs = _positions(base, c_mask, 0, S, stride_s, BLOCK_S)
@@ -236,8 +238,10 @@ def _frn_apply_kernel(
     BLOCK_C: tl.constexpr,
     S_DIV: tl.constexpr,
     STRIDE_C_DIV: tl.constexpr,
+    STRIDE_S_DIV: tl.constexpr,
 ):
-    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # NCHW rows' alignment
+    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # rows' alignment, for vectors
+    stride_s = with_factor(stride_s, STRIDE_S_DIV)
     cols, c_mask, nc, base = _channels(tl.program_id(0), C, stride_n, stride_c, BLOCK_C)
     start, end = _span(tl.program_id(1), S, blocks_per_split, BLOCK_S)
     rstd = tl.load(rstd_ptr + nc, mask=c_mask, other=0.0)
@@ -288,8 +292,10 @@ def _frn_bwd_kernel(
     SINGLE: tl.constexpr,
     S_DIV: tl.constexpr,
     STRIDE_C_DIV: tl.constexpr,
+    STRIDE_S_DIV: tl.constexpr,
 ):
-    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # NCHW rows' alignment
+    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # rows' alignment, for vectors
+    stride_s = with_factor(stride_s, STRIDE_S_DIV)
     # partial_ptr: (3, split, N, C) sums over this program's positions of dz * xhat, dz and dy - dz.
     cols, c_mask, nc, base = _channels(tl.program_id(0), C, stride_n, stride_c, BLOCK_C)
     split = tl.program_id(1)
@@ -351,8 +357,10 @@ def _frn_bwd_apply_kernel(
     BLOCK_C: tl.constexpr,
     S_DIV: tl.constexpr,
     STRIDE_C_DIV: tl.constexpr,
+    STRIDE_S_DIV: tl.constexpr,
 ):
-    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # NCHW rows' alignment
+    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # rows' alignment, for vectors
+    stride_s = with_factor(stride_s, STRIDE_S_DIV)
     cols, c_mask, nc, base = _channels(tl.program_id(0), C, stride_n, stride_c, BLOCK_C)
     start, end = _span(tl.program_id(1), S, blocks_per_split, BLOCK_S)
     rstd = tl.load(rstd_ptr + nc, mask=c_mask, other=0.0)
@@ -407,6 +415,7 @@ def _fwd_impl(x, weight, bias, tau, eps, learned_eps):
         num_warps=launch.num_warps,
         S_DIV=pow2_factor(f.s),
         STRIDE_C_DIV=pow2_factor(f.stride_c),
+        STRIDE_S_DIV=pow2_factor(f.stride_s),
     )
     grid = (f.n * launch.c_blocks, launch.split)
     params = (vector_arg(weight, rstd), vector_arg(bias, rstd), vector_arg(tau, rstd))
@@ -474,6 +483,7 @@ def _bwd_impl(dy, x, weight, bias, tau, learned_eps, rstd):
             num_warps=launch.num_warps,
             S_DIV=pow2_factor(f.s),
             STRIDE_C_DIV=pow2_factor(f.stride_c),
+            STRIDE_S_DIV=pow2_factor(f.stride_s),
         )
         grid = (f.n * launch.c_blocks, launch.split)
         dy = same_layout(dy, f.tensor)

@@ -146,7 +146,9 @@ def blocks(n: int, groups: int, group_size: int, positions: int, channels_last: 
     tiles = cdiv(positions, block_s)
     wanted = cdiv(_PROGRAMS_PER_SM * sm_count, n * cdiv(groups, block_g))
     span = max(1, tiles // wanted) * block_s
-    warps = _NUM_WARPS if channels_last else _NUM_WARPS_NCHW
+    # NCHW rows of a position count not divisible by 4 load (nearly) element by element, each with its own address: 4
+    # warps then spilled registers on sm_90 (the dx kernel at (1, 512, 7, 7) InstanceNorm: 255 registers, 88-128 bytes)
+    warps = _NUM_WARPS if channels_last or positions % 4 else _NUM_WARPS_NCHW
     rows = channels_last and block_cg == group_size and 1 < group_size < 8
     return Blocks(block_s, block_g, block_cg, cdiv(positions, span), span, warps, rows)
 
