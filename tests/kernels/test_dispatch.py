@@ -47,12 +47,15 @@ def test_every_op_with_a_kernel_is_a_functional_op_with_the_same_parameters():
         assert ("nan_guard" in ours) == (op in triton_ops.FUSES_NAN_GUARD), op
 
 
-def test_auto_takes_the_kernel_for_cuda_inputs_unless_torch_was_measured_faster(monkeypatch):
-    class FakeCuda(torch.Tensor):
-        @property
-        def is_cuda(self):
-            return True
+class FakeCuda(torch.Tensor):
+    """A CPU tensor that the dispatch takes for a CUDA one."""
 
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_auto_takes_the_kernel_for_cuda_inputs_unless_torch_was_measured_faster(monkeypatch):
     x = torch.randn(2, 4, 3, 3).as_subclass(FakeCuda)
     monkeypatch.setattr(triton_ops, "SLOWER_THAN_TORCH", {})
     monkeypatch.setattr(triton_ops, "SLOWER_THAN_TORCH_EAGER", {})
@@ -66,11 +69,6 @@ def test_auto_takes_the_kernel_for_cuda_inputs_unless_torch_was_measured_faster(
 
 
 def test_auto_gpu_routes_by_the_gpu_time_table_alone(monkeypatch):
-    class FakeCuda(torch.Tensor):
-        @property
-        def is_cuda(self):
-            return True
-
     x = torch.randn(2, 4, 3, 3).as_subclass(FakeCuda)
     monkeypatch.setattr(triton_ops, "SLOWER_THAN_TORCH", {})
     monkeypatch.setattr(triton_ops, "SLOWER_THAN_TORCH_EAGER", {"group_norm": lambda t: True})

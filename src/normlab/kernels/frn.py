@@ -111,6 +111,18 @@ def _launch(f: Flat, device: torch.device) -> _Launch:
     return _Launch(block_s, block_c, c_blocks, split, blocks_per_split, num_warps)
 
 
+def _launch_args(f: Flat, launch: _Launch, weight, bias, tau) -> tuple[tuple, dict, dict, tuple[int, int]]:
+    """(strides, parameter flags, block parameters, grid) of the kernels' launches for ``f``."""
+    strides = (f.stride_n, f.stride_c, f.stride_s)
+    acc = _acc_type(f.tensor.dtype)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_TAU=tau is not None, ACC=acc)
+    blocks = dict(
+        BLOCK_S=launch.block_s, BLOCK_C=launch.block_c, num_warps=launch.num_warps, S_DIV=pow2_factor(f.s),
+        STRIDE_C_DIV=pow2_factor(f.stride_c), STRIDE_S_DIV=pow2_factor(f.stride_s),
+    )  # fmt: skip
+    return strides, flags, blocks, (f.n * launch.c_blocks, launch.split)
+
+
 def _acc_type(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -407,17 +419,7 @@ def _fwd_impl(x, weight, bias, tau, eps, learned_eps):
     launch = _launch(f, x.device)
     acc = accumulation_dtype(x.dtype)
     partial = rstd if launch.single else torch.empty((launch.split, f.n, f.c), device=x.device, dtype=acc)
-    strides = (f.stride_n, f.stride_c, f.stride_s)
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_TAU=tau is not None, ACC=_acc_type(x.dtype))
-    blocks = dict(
-        BLOCK_S=launch.block_s,
-        BLOCK_C=launch.block_c,
-        num_warps=launch.num_warps,
-        S_DIV=pow2_factor(f.s),
-        STRIDE_C_DIV=pow2_factor(f.stride_c),
-        STRIDE_S_DIV=pow2_factor(f.stride_s),
-    )
-    grid = (f.n * launch.c_blocks, launch.split)
+    strides, flags, blocks, grid = _launch_args(f, launch, weight, bias, tau)
     params = (vector_arg(weight, rstd), vector_arg(bias, rstd), vector_arg(tau, rstd))
     _frn_fwd_kernel[grid](
         f.tensor,
@@ -475,17 +477,7 @@ def _bwd_impl(dy, x, weight, bias, tau, learned_eps, rstd):
     else:
         launch = _launch(f, x.device)
         partial = torch.empty((3, launch.split, f.n, f.c), device=x.device, dtype=acc)
-        strides = (f.stride_n, f.stride_c, f.stride_s)
-        flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_TAU=tau is not None, ACC=_acc_type(x.dtype))
-        blocks = dict(
-            BLOCK_S=launch.block_s,
-            BLOCK_C=launch.block_c,
-            num_warps=launch.num_warps,
-            S_DIV=pow2_factor(f.s),
-            STRIDE_C_DIV=pow2_factor(f.stride_c),
-            STRIDE_S_DIV=pow2_factor(f.stride_s),
-        )
-        grid = (f.n * launch.c_blocks, launch.split)
+        strides, flags, blocks, grid = _launch_args(f, launch, weight, bias, tau)
         dy = same_layout(dy, f.tensor)
         params = (vector_arg(weight, rstd), vector_arg(bias, rstd), vector_arg(tau, rstd))
         _frn_bwd_kernel[grid](

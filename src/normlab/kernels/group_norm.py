@@ -630,8 +630,14 @@ def _bwd_dx_kernel(
 # ---- host launchers -----------------------------------------------------------------------------------------------
 
 
-def _config(f, groups: int, device: torch.device) -> Blocks:
-    return blocks(f.n, groups, f.c // groups, f.s, f.channels_last, sm_count(device, _SM_COUNT_WITHOUT_CUDA))
+def _launch(f, groups: int, device: torch.device) -> tuple[Blocks, tuple[int, int], dict]:
+    """(configuration, grid, keyword launch parameters) of the main kernels for ``f`` in ``groups`` groups."""
+    cfg = blocks(f.n, groups, f.c // groups, f.s, f.channels_last, sm_count(device, _SM_COUNT_WITHOUT_CUDA))
+    tiles = dict(
+        BLOCK_S=cfg.block_s, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, ROWS=cfg.rows, S_DIV=pow2_factor(f.s),
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return cfg, (f.n * cfg.splits, cdiv(groups, cfg.block_g)), tiles
 
 
 @on_input_device
@@ -660,16 +666,7 @@ def _forward(
         if mean_in is None:  # no values: undefined statistics, as torch gives
             mean.fill_(math.nan), var.fill_(math.nan)
         return y, mean, var
-    cfg = _config(f, g, x.device)
-    grid = (f.n * cfg.splits, cdiv(g, cfg.block_g))
-    tiles = dict(
-        BLOCK_S=cfg.block_s,
-        BLOCK_G=cfg.block_g,
-        BLOCK_CG=cfg.block_cg,
-        ROWS=cfg.rows,
-        S_DIV=pow2_factor(f.s),
-        num_warps=cfg.num_warps,
-    )
+    cfg, grid, tiles = _launch(f, g, x.device)
     layout = dict(CG=cg, CHANNELS_LAST=f.channels_last)
     rms = not center and v is None
     if mean_in is None:
@@ -718,16 +715,7 @@ def _backward(
     dx = torch.empty_like(f.tensor)
     if x.numel() == 0:
         return dx, torch.zeros((parts, f.c), dtype=acc, device=x.device)
-    cfg = _config(f, g, x.device)
-    grid = (f.n * cfg.splits, cdiv(g, cfg.block_g))
-    tiles = dict(
-        BLOCK_S=cfg.block_s,
-        BLOCK_G=cfg.block_g,
-        BLOCK_CG=cfg.block_cg,
-        ROWS=cfg.rows,
-        S_DIV=pow2_factor(f.s),
-        num_warps=cfg.num_warps,
-    )
+    cfg, grid, tiles = _launch(f, g, x.device)
     flags = dict(
         CG=cg, CHANNELS_LAST=f.channels_last, HAS_W=weight is not None, HAS_B=bias is not None, GATE=v is not None
     )
