@@ -1,6 +1,7 @@
 """Compile a kernel module's Triton kernels for an H100 (sm_90) without a GPU, as its launchers would launch them.
 
-``python -m tests.kernels._sm90 <module> [--table]`` (``<module>`` a key of :data:`CASES`) runs in a process WITHOUT
+``python -m tests.kernels._sm90 <module> [--table]`` (``<module>`` a key of :data:`CASES`; or ``--odd-shapes
+[--quick]``, every op at :data:`ODD_SHAPES`) runs in a process WITHOUT
 ``TRITON_INTERPRET`` (the interpreter accepts code that Triton's compiler rejects). The process pretends to be an
 H100 to Triton (an offline driver whose target is sm_90, and 132 SMs for the launchers that ask) and turns every
 kernel launch into a compile-only warmup. It then calls the module's public ops forward and backward on
@@ -293,6 +294,44 @@ def _batch_norm():
     return k
 
 
+ODD_SHAPES = [
+    (2, 256, 25, 38),  # detection feature maps: odd sizes, batch 2
+    (2, 256, 100, 152),
+    (32, 24, 112, 112),  # MobileNet-like channel counts
+    (8, 40, 56, 56),
+    (16, 1024, 14, 14),  # ResNet-50 stages 3 and 4
+    (1, 512, 7, 7),
+    (4, 96, 56, 56),  # ConvNeXt-like
+    (64, 3, 224, 224),  # a norm over RGB input
+]
+"""Shapes the ResNet-50 cases above miss, for ``--odd-shapes``: every op, both layouts, bfloat16 and float32."""
+
+
+def _odd_shapes(shapes=ODD_SHAPES) -> None:
+    """Every public op at the odd shapes (a sweep for compile failures and spills; about two minutes)."""
+    import torch
+
+    from normlab.kernels import batch_norm, channel_norm, frn, group_norm
+
+    _as_cuda(channel_norm, "_backward_programs")
+    _as_cuda(frn, "_launch")
+    for shape in shapes:
+        c = shape[1]
+        for dtype in (torch.bfloat16, torch.float32):
+            for cl in (True, False):
+                x = _x(shape, dtype, cl)
+                running = _vec(c, grad=False), _vec(c, grad=False)
+                _fwd_bwd(batch_norm.batch_norm, x, *running, _vec(c), _vec(c), True, act="relu")
+                _fwd_bwd(batch_norm.frozen_batch_norm, x, *running, _vec(c), _vec(c), act="silu")
+                if c % 8 == 0:
+                    _fwd_bwd(group_norm.group_norm, x, 8, _vec(c), _vec(c), act="silu")
+                    _fwd_bwd(group_norm.evonorm_s0, x, 8, _vec(c), _vec(c), _vec(c))
+                _fwd_bwd(group_norm.instance_norm, x, None, None, _vec(c), _vec(c))
+                _fwd_bwd(group_norm.rms_norm, x, _vec(c))
+                _fwd_bwd(channel_norm.layer_norm2d, x, _vec(c), _vec(c))
+                _fwd_bwd(frn.filter_response_norm, x, _vec(c), _vec(c), _vec(c))
+
+
 CASES = {"group_norm": _group_norm, "channel_norm": _channel_norm, "frn": _frn, "batch_norm": _batch_norm}
 """Per kernel module (``normlab.kernels.<name>``): the calls whose launches are compiled."""
 
@@ -348,12 +387,13 @@ def main(argv: list[str]) -> int:
     from normlab.kernels import _triton_utils
 
     _triton_utils.INTERPRET = True  # let the public functions take CPU tensors: nothing runs, the recorder compiles
-    module = CASES[argv[0]]()
-    report = {
-        "kernels": kernel_names(module),
-        "compiled": list(recorder.compiled.values()),
-        "failed": list(recorder.failed.values()),
-    }
+    if argv[0] == "--odd-shapes":  # [--quick]: the first odd shape only
+        _odd_shapes(ODD_SHAPES[:1] if "--quick" in argv else ODD_SHAPES)
+        kernels = []
+    else:
+        kernels = kernel_names(CASES[argv[0]]())
+    compiled, failed = list(recorder.compiled.values()), list(recorder.failed.values())
+    report = {"kernels": kernels, "compiled": compiled, "failed": failed}
     print(_table(report) if "--table" in argv else json.dumps(report))
     return 0
 

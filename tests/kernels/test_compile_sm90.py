@@ -144,3 +144,19 @@ def test_rows_load_the_widest_vectors_their_alignment_allows(report, module, hin
     assert {v["kernel"] for v in rows} == kernels
     for v in rows:
         assert "v4.b32" in v["loop_loads"], f"{_label(v)}: loads {v['loop_loads']} in its loops"
+
+
+def test_an_odd_shape_compiles_without_spills():
+    """``--odd-shapes --quick``: every op at a detection feature map, (2, 256, 25, 38) in both layouts, bfloat16 and
+    float32, compiles for sm_90 without spilling. (The full sweep, all of ``_sm90.ODD_SHAPES``, takes minutes.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    argv = [sys.executable, "-m", "tests.kernels._sm90", "--odd-shapes", "--quick"]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode == _sm90.NO_BACKEND:
+        pytest.skip(done.stderr.strip())
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout)
+    assert report["compiled"] and not report["failed"], [f"{_label(v)}\n{v['error']}" for v in report["failed"]]
+    spilling = [_label(v) for v in report["compiled"] if _spills(v)]
+    assert not spilling, spilling
