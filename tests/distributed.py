@@ -54,14 +54,15 @@ def run_ranks(body, *args, world: int = WORLD, torchrun_env: bool = False) -> No
 
     By default each process joins a gloo group over a file store first (no TCP port to race for); with
     ``torchrun_env`` it gets torchrun's environment variables instead and ``body`` joins the group itself. ``body``
-    must be a module-level function (it is pickled). A rank's exception fails the test with every rank's message;
-    a rank that dies without one fails it with its exit status.
+    must be a module-level function (it is pickled). A failing rank fails the test with every rank's message (the
+    others may fail in turn, e.g. a collective's connection reset by the rank that died) and the exit status of the
+    first rank that stopped.
     """
     with tempfile.TemporaryDirectory() as d:
         store, errfile = str(Path(d) / "store"), str(Path(d) / "err")
         port = _free_port() if torchrun_env else None
         try:
             mp.spawn(_rank_main, args=(world, body, args, store, errfile, port), nprocs=world, join=True)
-        except Exception as e:
-            detail = Path(errfile).read_text() if os.path.exists(errfile) else f"no rank raised: {e}"
-            pytest.fail(detail)
+        except Exception as e:  # the ranks' own errors, then how the first rank to stop ended
+            raised = Path(errfile).read_text() if os.path.exists(errfile) else "no rank raised\n"
+            pytest.fail(f"{raised}{type(e).__name__}: {e}")

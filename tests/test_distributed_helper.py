@@ -1,6 +1,7 @@
 """The spawned-ranks helper fails a test when a rank fails, with the rank's own message."""
 
 import os
+import time
 
 import pytest
 import torch.distributed as dist
@@ -16,6 +17,7 @@ def _rank_fails_a_check(rank):
 def _rank_dies(rank):
     if rank == 1:
         os._exit(3)
+    time.sleep(60)  # rank 0 outlives it: the parent sees rank 1's exit first, then stops rank 0
 
 
 @pytest.mark.slow
@@ -26,5 +28,5 @@ def test_a_rank_that_raises_fails_the_test_with_its_message():
 
 @pytest.mark.slow
 def test_a_rank_that_dies_without_raising_fails_the_test_with_its_exit_status():
-    with pytest.raises(pytest.fail.Exception, match="no rank raised: .*exit code 3"):
+    with pytest.raises(pytest.fail.Exception, match="no rank raised\nProcessExitedException: process 1 .*exit code 3"):
         run_ranks(_rank_dies)
