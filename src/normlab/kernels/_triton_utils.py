@@ -32,6 +32,7 @@ __all__ = [
     "cdiv",
     "next_power_of_2",
     "pow2_factor",
+    "stride_hints",
     "sm_count",
     "grads_as_params",
     "unaliased",
@@ -41,6 +42,7 @@ __all__ = [
     "on_input_device",
     "activation",
     "with_factor",
+    "with_factors",
     "activation_grad",
 ]
 
@@ -161,6 +163,12 @@ def pow2_factor(n: int, cap: int = 16) -> int:
     return cap if n == 0 else min(n & -n, cap)
 
 
+def stride_hints(s: int, stride_c: int, stride_s: int) -> dict[str, int]:
+    """The alignment constexprs of a kernel indexing (n, c, s) by runtime strides, for :func:`with_factors`:
+    ``S_DIV``, ``STRIDE_C_DIV``, ``STRIDE_S_DIV``, the :func:`pow2_factor` of the position count and of each stride."""
+    return {"S_DIV": pow2_factor(s), "STRIDE_C_DIV": pow2_factor(stride_c), "STRIDE_S_DIV": pow2_factor(stride_s)}
+
+
 def next_power_of_2(n: int) -> int:
     """The smallest power of 2 >= n (1 for n <= 1), for host code (see :func:`cdiv`)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
@@ -278,6 +286,12 @@ def with_factor(n, N_DIV: tl.constexpr):
     vectors their alignment allows (16 bytes for float32 rows of 14 x 14 positions, 8 for bfloat16), not one element
     at a time. ``N_DIV`` must divide ``n`` (pass ``pow2_factor(n)``), or the result is another number."""
     return (n // N_DIV) * N_DIV
+
+
+@triton.jit
+def with_factors(S, stride_c, stride_s, S_DIV: tl.constexpr, STRIDE_C_DIV: tl.constexpr, STRIDE_S_DIV: tl.constexpr):
+    """(S, stride_c, stride_s) through :func:`with_factor` with the hints of :func:`stride_hints`."""
+    return with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV), with_factor(stride_s, STRIDE_S_DIV)
 
 
 @triton.jit

@@ -449,7 +449,8 @@ def _cl_reduce_config(p: int, c: int) -> tuple[tuple[int, int], dict]:
     groups = max(1, min(cdiv(_TARGET_PROGRAMS, c_blocks), cdiv(p, block_p)))
     rows = cdiv(cdiv(p, groups), block_p) * block_p
     grid = (cdiv(p, rows), c_blocks)
-    return grid, {"ROWS_PER_PROG": rows, "BLOCK_P": block_p, "BLOCK_C": block_c, "num_warps": _NUM_WARPS}
+    meta = {"ROWS_PER_PROG": rows, "BLOCK_P": block_p, "BLOCK_C": block_c, "C_DIV": pow2_factor(c)}
+    return grid, {**meta, "num_warps": _NUM_WARPS}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -465,6 +466,7 @@ def _nchw_reduce_config(n: int, c: int, s: int) -> tuple[tuple[int, int], dict]:
     s_per = cdiv(cdiv(s, groups_s), block_s) * block_s
     groups_s = cdiv(s, s_per)
     meta = {"N_PER_PROG": n_per, "S_PER_PROG": s_per, "GROUPS_S": groups_s, "BLOCK_N": block_n, "BLOCK_S": block_s}
+    meta["S_DIV"] = pow2_factor(s)
     return (c, groups_n * groups_s), {**meta, "num_warps": _NUM_WARPS}
 
 
@@ -496,7 +498,7 @@ def _elementwise_config(a: int, b: int) -> tuple[tuple[int, int], dict]:
     tile = min(_TILE, _SHORT_ROWS_TILE) if short else _TILE
     block_a = min(next_power_of_2(a), max(1, tile // block_b))
     warps = max(8, _NUM_WARPS) if short and block_a * block_b >= _SHORT_ROWS_TILE else _NUM_WARPS
-    meta = {"BLOCK_A": block_a, "BLOCK_B": block_b, "num_warps": warps}
+    meta = {"BLOCK_A": block_a, "BLOCK_B": block_b, "B_DIV": pow2_factor(b), "num_warps": warps}
     return (cdiv(a, block_a), cdiv(b, block_b)), meta
 
 
@@ -530,13 +532,11 @@ def _launch_stats(f: Flat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         grid, meta = _cl_reduce_config(f.n * f.s, f.c)
         meta = dict(meta)  # a copy: the config is cached
         args = (f.n * f.s, f.c, meta.pop("ROWS_PER_PROG"))
-        meta["C_DIV"] = pow2_factor(f.c)
         kernel = _stats_cl_kernel
     else:
         grid, meta = _nchw_reduce_config(f.n, f.c, f.s)
         meta = dict(meta)  # a copy: the config is cached
         args = (f.n, f.c, f.s, meta.pop("N_PER_PROG"), meta.pop("S_PER_PROG"), meta.pop("GROUPS_S"))
-        meta["S_DIV"] = pow2_factor(f.s)
         kernel = _stats_nchw_kernel
     groups = grid[0] if f.stride_c == 1 else grid[1]
     pcount = torch.empty(groups, dtype=acc, device=x.device)
@@ -556,8 +556,7 @@ def _launch_normalize(f: Flat, y, mean, inv, weight, bias, eps: float, act: int,
     _normalize_kernel[grid](
         x, y, mean, inv, _channel_tensor(weight, mean), _channel_tensor(bias, mean), a, b, f.c, eps, *commit_args,
         CHANNELS_LAST=channels_last, INV_IS_VAR=inv_is_var, HAS_W=weight is not None, HAS_B=bias is not None,
-        ACT=act, ACC=_tl_acc(x.dtype), COMMIT=commit is not None, BLOCK_COMMIT=_commit_block(f.c),
-        B_DIV=pow2_factor(b), **meta,
+        ACT=act, ACC=_tl_acc(x.dtype), COMMIT=commit is not None, BLOCK_COMMIT=_commit_block(f.c), **meta,
     )  # fmt: skip
 
 
@@ -603,14 +602,12 @@ def _launch_grad_sums(dy, f: Flat, mean, inv, weight, bias, eps: float, act: int
         meta = dict(meta)  # a copy: the config is cached
         groups = grid[0]
         args = (f.n * f.s, f.c, groups, meta.pop("ROWS_PER_PROG"))
-        meta["C_DIV"] = pow2_factor(f.c)
         kernel = _grad_sums_cl_kernel
     else:
         grid, meta = _nchw_reduce_config(f.n, f.c, f.s)
         meta = dict(meta)  # a copy: the config is cached
         groups = grid[1]
         args = (f.n, f.c, f.s, groups, meta.pop("N_PER_PROG"), meta.pop("S_PER_PROG"), meta.pop("GROUPS_S"))
-        meta["S_DIV"] = pow2_factor(f.s)
         kernel = _grad_sums_nchw_kernel
     psum = torch.empty((2, groups, f.c), dtype=acc, device=x.device)
     kernel[grid](
@@ -639,8 +636,7 @@ def _backward(dy, x, mean, inv, weight, bias, eps: float, act: int, batch_stats:
     _grad_input_kernel[grid](
         dy, x, dx, mean, inv, _channel_tensor(weight, mean), _channel_tensor(bias, mean), sums,
         f.c / x.numel(), a, b, f.c, eps, CHANNELS_LAST=channels_last, BATCH_STATS=batch_stats,
-        HAS_W=weight is not None, HAS_B=bias is not None, ACT=act, ACC=_tl_acc(x.dtype), B_DIV=pow2_factor(b),
-        **meta,
+        HAS_W=weight is not None, HAS_B=bias is not None, ACT=act, ACC=_tl_acc(x.dtype), **meta,
     )  # fmt: skip
     return dx, sums
 

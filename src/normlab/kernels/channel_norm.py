@@ -63,13 +63,13 @@ from ._triton_utils import (
     next_power_of_2,
     on_input_device,
     output_like,
-    pow2_factor,
     same_layout,
     sm_count,
+    stride_hints,
     traced,
     unaliased,
     vector_arg,
-    with_factor,
+    with_factors,
 )
 
 __all__ = ["layer_norm2d", "rms_norm2d"]
@@ -210,8 +210,7 @@ def _channel_norm_fwd_kernel(
     STRIDE_C_DIV: tl.constexpr,
     STRIDE_S_DIV: tl.constexpr,
 ):
-    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # rows' alignment, for vectors
-    stride_s = with_factor(stride_s, STRIDE_S_DIV)
+    S, stride_c, stride_s = with_factors(S, stride_c, stride_s, S_DIV, STRIDE_C_DIV, STRIDE_S_DIV)  # for vectors
     rows, pos, s_mask = _tile(tl.program_id(0), S, stride_n, stride_s, BLOCK_S)
     if SINGLE:
         cols, c_mask, mask, offs = _block(rows, s_mask, 0, C, stride_c, BLOCK_C)
@@ -296,8 +295,7 @@ def _channel_norm_bwd_kernel(
     STRIDE_C_DIV: tl.constexpr,
     STRIDE_S_DIV: tl.constexpr,
 ):
-    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # rows' alignment, for vectors
-    stride_s = with_factor(stride_s, STRIDE_S_DIV)
+    S, stride_c, stride_s = with_factors(S, stride_c, stride_s, S_DIV, STRIDE_C_DIV, STRIDE_S_DIV)  # for vectors
     # partial_ptr: (2, programs, C) float; row ``pid`` of each half belongs to this program alone.
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -410,9 +408,7 @@ def _fwd_impl(x, weight, bias, eps, center, act):
         ACC=_acc_type(x.dtype),
         BLOCK_S=launch.block_s,
         BLOCK_C=launch.block_c,
-        S_DIV=pow2_factor(launch.s),
-        STRIDE_C_DIV=pow2_factor(f.stride_c),
-        STRIDE_S_DIV=pow2_factor(launch.stride_s),
+        **stride_hints(launch.s, f.stride_c, launch.stride_s),
         SINGLE=f.c <= launch.block_c,
         num_warps=launch.num_warps,
     )
@@ -473,9 +469,7 @@ def _bwd_impl(dy, x, weight, bias, mean, rstd, center, act):
         ACC=_acc_type(x.dtype),
         BLOCK_S=launch.block_s,
         BLOCK_C=launch.block_c,
-        S_DIV=pow2_factor(launch.s),
-        STRIDE_C_DIV=pow2_factor(f.stride_c),
-        STRIDE_S_DIV=pow2_factor(launch.stride_s),
+        **stride_hints(launch.s, f.stride_c, launch.stride_s),
         SINGLE=single,
         num_warps=launch.num_warps,
     )

@@ -61,13 +61,13 @@ from ._triton_utils import (
     next_power_of_2,
     on_input_device,
     output_like,
-    pow2_factor,
     same_layout,
     sm_count,
+    stride_hints,
     traced,
     unaliased,
     vector_arg,
-    with_factor,
+    with_factors,
 )
 
 __all__ = ["filter_response_norm"]
@@ -117,8 +117,8 @@ def _launch_args(f: Flat, launch: _Launch, weight, bias, tau) -> tuple[tuple, di
     acc = _acc_type(f.tensor.dtype)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_TAU=tau is not None, ACC=acc)
     blocks = dict(
-        BLOCK_S=launch.block_s, BLOCK_C=launch.block_c, num_warps=launch.num_warps, S_DIV=pow2_factor(f.s),
-        STRIDE_C_DIV=pow2_factor(f.stride_c), STRIDE_S_DIV=pow2_factor(f.stride_s),
+        BLOCK_S=launch.block_s, BLOCK_C=launch.block_c, num_warps=launch.num_warps,
+        **stride_hints(f.s, f.stride_c, f.stride_s),
     )  # fmt: skip
     return strides, flags, blocks, (f.n * launch.c_blocks, launch.split)
 
@@ -204,8 +204,7 @@ def _frn_fwd_kernel(
     STRIDE_C_DIV: tl.constexpr,
     STRIDE_S_DIV: tl.constexpr,
 ):
-    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # rows' alignment, for vectors
-    stride_s = with_factor(stride_s, STRIDE_S_DIV)
+    S, stride_c, stride_s = with_factors(S, stride_c, stride_s, S_DIV, STRIDE_C_DIV, STRIDE_S_DIV)  # for vectors
     cols, c_mask, nc, base = _channels(tl.program_id(0), C, stride_n, stride_c, BLOCK_C)
     if SINGLE:
         mask, offs = _positions(base, c_mask, 0, S, stride_s, BLOCK_S)
@@ -252,8 +251,7 @@ def _frn_apply_kernel(
     STRIDE_C_DIV: tl.constexpr,
     STRIDE_S_DIV: tl.constexpr,
 ):
-    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # rows' alignment, for vectors
-    stride_s = with_factor(stride_s, STRIDE_S_DIV)
+    S, stride_c, stride_s = with_factors(S, stride_c, stride_s, S_DIV, STRIDE_C_DIV, STRIDE_S_DIV)  # for vectors
     cols, c_mask, nc, base = _channels(tl.program_id(0), C, stride_n, stride_c, BLOCK_C)
     start, end = _span(tl.program_id(1), S, blocks_per_split, BLOCK_S)
     rstd = tl.load(rstd_ptr + nc, mask=c_mask, other=0.0)
@@ -306,8 +304,7 @@ def _frn_bwd_kernel(
     STRIDE_C_DIV: tl.constexpr,
     STRIDE_S_DIV: tl.constexpr,
 ):
-    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # rows' alignment, for vectors
-    stride_s = with_factor(stride_s, STRIDE_S_DIV)
+    S, stride_c, stride_s = with_factors(S, stride_c, stride_s, S_DIV, STRIDE_C_DIV, STRIDE_S_DIV)  # for vectors
     # partial_ptr: (3, split, N, C) sums over this program's positions of dz * xhat, dz and dy - dz.
     cols, c_mask, nc, base = _channels(tl.program_id(0), C, stride_n, stride_c, BLOCK_C)
     split = tl.program_id(1)
@@ -371,8 +368,7 @@ def _frn_bwd_apply_kernel(
     STRIDE_C_DIV: tl.constexpr,
     STRIDE_S_DIV: tl.constexpr,
 ):
-    S, stride_c = with_factor(S, S_DIV), with_factor(stride_c, STRIDE_C_DIV)  # rows' alignment, for vectors
-    stride_s = with_factor(stride_s, STRIDE_S_DIV)
+    S, stride_c, stride_s = with_factors(S, stride_c, stride_s, S_DIV, STRIDE_C_DIV, STRIDE_S_DIV)  # for vectors
     cols, c_mask, nc, base = _channels(tl.program_id(0), C, stride_n, stride_c, BLOCK_C)
     start, end = _span(tl.program_id(1), S, blocks_per_split, BLOCK_S)
     rstd = tl.load(rstd_ptr + nc, mask=c_mask, other=0.0)
