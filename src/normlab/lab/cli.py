@@ -40,9 +40,9 @@ def _study(args: argparse.Namespace) -> int:
 
     from .report import write_report
     from .studies import get_study
-    from .trainer import init_distributed
+    from .trainer import init_distributed, torchrun_world_size
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.name not in _DISTRIBUTED_STUDIES:
+    if torchrun_world_size() > 1 and args.name not in _DISTRIBUTED_STUDIES:
         print(
             f"normlab study: error: {args.name!r} does not run under torchrun (WORLD_SIZE="
             f"{os.environ['WORLD_SIZE']}); studies that do: {', '.join(_DISTRIBUTED_STUDIES)}",
@@ -214,8 +214,10 @@ def run() -> None:
     done: 3 runs in 20 of the batch-size smoke study on a loaded 2-core machine. Nothing is left to do at that
     point: the study's files are closed and the process group is destroyed.
     """
+    from .trainer import torchrun_world_size
+
     status = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if torchrun_world_size() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

@@ -78,6 +78,7 @@ __all__ = [
     "sweep",
     "load_model",
     "init_distributed",
+    "torchrun_world_size",
     "make_progress",
 ]
 
@@ -254,13 +255,18 @@ class DistInfo:
     device: torch.device
 
 
+def torchrun_world_size() -> int:
+    """The number of processes ``torchrun`` started (its ``WORLD_SIZE``), 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed() -> DistInfo:
     """Join the process group that ``torchrun`` describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ...).
 
     NCCL with one GPU per process (``cuda:LOCAL_RANK``) when CUDA is available, gloo on CPU. Without torchrun (no
     ``WORLD_SIZE`` or 1) it does nothing and returns rank 0 of 1. Idempotent.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = torchrun_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda and world > 1 else _default_device()
