@@ -58,6 +58,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -630,14 +631,64 @@ def _bwd_dx_kernel(
 # ---- host launchers -----------------------------------------------------------------------------------------------
 
 
-def _launch(f, groups: int, device: torch.device) -> tuple[Blocks, tuple[int, int], dict]:
-    """(configuration, grid, keyword launch parameters) of the main kernels for ``f`` in ``groups`` groups."""
-    cfg = blocks(f.n, groups, f.c // groups, f.s, f.channels_last, sm_count(device, _SM_COUNT_WITHOUT_CUDA))
+class _Plan(NamedTuple):
+    """What the launches of one call need besides its tensors and eps, for one input signature (:func:`_plan`):
+    grids, runtime sizes and the constexpr keyword arguments of each kernel, built once and reused, so that a call
+    spends its host time on launching and not on working out the same configuration again."""
+
+    cfg: Blocks
+    grid: tuple[int, int]
+    sizes: tuple[int, ...]
+    """(S, C, G, splits, span, stride_n), the main kernels' runtime sizes."""
+    stat_stride: int
+    """Row stride of the (N, G) statistics; 0 for given per-channel statistics (one row)."""
+    stats: dict
+    merge: tuple[tuple[int, int], dict] | None
+    """(grid, keywords) of the merge of per-split partial statistics; None when each program covers a whole sample."""
+    normalize: dict
+    reduce: dict
+    group_sums: tuple[tuple[int, int], dict]
+    dx: dict
+
+
+def _plan(f, groups: int, device: torch.device, has_w, has_b, gate, center, act, given_stats) -> _Plan:
+    """The :class:`_Plan` of a call on ``f`` (a :class:`Flat`) in ``groups`` groups with these parameter flags."""
+    sm = sm_count(device, _SM_COUNT_WITHOUT_CUDA)
+    return _cached_plan(
+        blocks, f.n, f.c, f.s, f.channels_last, groups, sm, has_w, has_b, gate, center, act, given_stats
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_plan(choose_blocks, n, c, s, channels_last, g, sm, has_w, has_b, gate, center, act, given_stats) -> _Plan:
+    # keyed by the blocks function too: tests replace it to force small blocks
+    cg = c // g
+    cfg = choose_blocks(n, g, cg, s, channels_last, sm)
     tiles = dict(
-        BLOCK_S=cfg.block_s, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, ROWS=cfg.rows, S_DIV=pow2_factor(f.s),
-        num_warps=cfg.num_warps,
+        CG=cg, CHANNELS_LAST=channels_last, BLOCK_S=cfg.block_s, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg,
+        ROWS=cfg.rows, S_DIV=pow2_factor(s), num_warps=cfg.num_warps,
     )  # fmt: skip
-    return cfg, (f.n * cfg.splits, cdiv(groups, cfg.block_g)), tiles
+    params = dict(HAS_W=has_w, HAS_B=has_b, GATE=gate)
+    rms = not center and not gate
+    merge = None
+    if cfg.splits > 1:
+        block_k, block_g, _ = _stage2_blocks(cfg.splits, g, 1)
+        merge_kw = dict(CG=cg, RMS=rms, BLOCK_K=block_k, BLOCK_G=block_g, num_warps=4)
+        merge = ((n, cdiv(g, block_g)), merge_kw)
+    block_k, block_g, block_cg = _stage2_blocks(cfg.splits, g, cg)
+    sums_kw = dict(CG=cg, HAS_W=has_w, BLOCK_K=block_k, BLOCK_G=block_g, BLOCK_CG=block_cg, num_warps=4)
+    return _Plan(
+        cfg=cfg,
+        grid=(n * cfg.splits, cdiv(g, cfg.block_g)),
+        sizes=(s, c, g, cfg.splits, cfg.span, c * s),
+        stat_stride=0 if given_stats else g,
+        stats=dict(FINAL=cfg.splits == 1, RMS=rms, **tiles),
+        merge=merge,
+        normalize=dict(ACT=act, **params, **tiles),
+        reduce=dict(ACT=act, **params, **tiles),
+        group_sums=((n, cdiv(g, block_g)), sums_kw),
+        dx=dict(CENTER=center and not gate, STATS_GRAD=not given_stats, ACT=act, **params, **tiles),
+    )
 
 
 @on_input_device
@@ -656,38 +707,26 @@ def _forward(
     f = flat(x)
     acc = accumulation_dtype(x.dtype)
     y = torch.empty_like(f.tensor)
-    g, cg = num_groups, f.c // num_groups
+    g = num_groups
     if mean_in is not None:
         mean, var = mean_in.to(acc, copy=True).reshape(1, g), var_in.to(acc, copy=True).reshape(1, g)
     else:
         mean = torch.empty((f.n, g), dtype=acc, device=x.device)
-        var = torch.empty_like(mean)
+        var = torch.empty_like(mean)  # not a view of one buffer with mean: a custom op's outputs may not alias
     if x.numel() == 0:
         if mean_in is None:  # no values: undefined statistics, as torch gives
             mean.fill_(math.nan), var.fill_(math.nan)
         return y, mean, var
-    cfg, grid, tiles = _launch(f, g, x.device)
-    layout = dict(CG=cg, CHANNELS_LAST=f.channels_last)
-    rms = not center and v is None
+    p = _plan(f, g, x.device, weight is not None, bias is not None, v is not None, center, act, mean_in is not None)
     if mean_in is None:
-        final = cfg.splits == 1
-        part = None if final else torch.empty((2, f.n * cfg.splits, g), dtype=acc, device=x.device)
-        out_a, out_b = (mean, var) if final else (part[0], part[1])
-        _stats_kernel[grid](
-            f.tensor, out_a, out_b, f.s, f.c, g, cfg.splits, cfg.span, f.stride_n,
-            FINAL=final, RMS=rms, **layout, **tiles,
-        )  # fmt: skip
-        if not final:
-            block_k, block_g, _ = _stage2_blocks(cfg.splits, g, 1)
-            _merge_stats_kernel[(f.n, cdiv(g, block_g))](
-                part[0], part[1], mean, var, f.s, g, cfg.splits, cfg.span,
-                CG=cg, RMS=rms, BLOCK_K=block_k, BLOCK_G=block_g, num_warps=4,
-            )  # fmt: skip
-    _normalize_kernel[grid](
-        f.tensor, y, weight, bias, v, mean, var, eps, f.s, f.c, g, cfg.splits, cfg.span, f.stride_n,
-        g if mean.shape[0] > 1 else 0,
-        HAS_W=weight is not None, HAS_B=bias is not None, GATE=v is not None, ACT=act, **layout, **tiles,
-    )  # fmt: skip
+        if p.merge is None:
+            _stats_kernel[p.grid](f.tensor, mean, var, *p.sizes, **p.stats)
+        else:
+            part = torch.empty((2, f.n * p.cfg.splits, g), dtype=acc, device=x.device)
+            _stats_kernel[p.grid](f.tensor, part[0], part[1], *p.sizes, **p.stats)
+            grid, kw = p.merge
+            _merge_stats_kernel[grid](part[0], part[1], mean, var, f.s, g, p.cfg.splits, p.cfg.span, **kw)
+    _normalize_kernel[p.grid](f.tensor, y, weight, bias, v, mean, var, eps, *p.sizes, p.stat_stride, **p.normalize)
     return y, mean, var
 
 
@@ -710,32 +749,24 @@ def _backward(
     if dy.stride() != f.tensor.stride():
         dy = torch.empty_like(f.tensor).copy_(dy)
     acc = mean.dtype
-    g, cg = num_groups, f.c // num_groups
+    g = num_groups
     parts = 2 if v is None else 3
     dx = torch.empty_like(f.tensor)
     if x.numel() == 0:
         return dx, torch.zeros((parts, f.c), dtype=acc, device=x.device)
-    cfg, grid, tiles = _launch(f, g, x.device)
-    flags = dict(
-        CG=cg, CHANNELS_LAST=f.channels_last, HAS_W=weight is not None, HAS_B=bias is not None, GATE=v is not None
-    )
-    stat_stride = g if mean.shape[0] > 1 else 0
-    part = torch.empty((parts, f.n * cfg.splits, f.c), dtype=acc, device=x.device)
-    _bwd_reduce_kernel[grid](
-        f.tensor, dy, weight, bias, v, mean, var, part, eps, f.s, f.c, g, cfg.splits, cfg.span, f.stride_n,
-        stat_stride, part.stride(0), ACT=act, **flags, **tiles,
+    p = _plan(f, g, x.device, weight is not None, bias is not None, v is not None, center, act, not stats_grad)
+    part = torch.empty((parts, f.n * p.cfg.splits, f.c), dtype=acc, device=x.device)
+    _bwd_reduce_kernel[p.grid](
+        f.tensor, dy, weight, bias, v, mean, var, part, eps, *p.sizes, p.stat_stride, part.stride(0), **p.reduce
     )  # fmt: skip
     c1, c2 = mean, var
     if stats_grad:
-        c1, c2 = torch.empty((f.n, g), dtype=acc, device=x.device), torch.empty((f.n, g), dtype=acc, device=x.device)
-        block_k, block_g, block_cg = _stage2_blocks(cfg.splits, g, cg)
-        _bwd_group_sums_kernel[(f.n, cdiv(g, block_g))](
-            part, weight, c1, c2, part.stride(0), f.c, g, cfg.splits, 1.0 / (cg * f.s),
-            CG=cg, HAS_W=weight is not None, BLOCK_K=block_k, BLOCK_G=block_g, BLOCK_CG=block_cg, num_warps=4,
-        )  # fmt: skip
-    _bwd_dx_kernel[grid](
-        f.tensor, dy, dx, weight, bias, v, mean, var, c1, c2, eps, f.s, f.c, g, cfg.splits, cfg.span, f.stride_n,
-        stat_stride, CENTER=center and v is None, STATS_GRAD=stats_grad, ACT=act, **flags, **tiles,
+        c1, c2 = torch.empty((2, f.n, g), dtype=acc, device=x.device).unbind(0)
+        grid, kw = p.group_sums
+        count = f.c // g * f.s
+        _bwd_group_sums_kernel[grid](part, weight, c1, c2, part.stride(0), f.c, g, p.cfg.splits, 1.0 / count, **kw)
+    _bwd_dx_kernel[p.grid](
+        f.tensor, dy, dx, weight, bias, v, mean, var, c1, c2, eps, *p.sizes, p.stat_stride, **p.dx
     )  # fmt: skip
     return dx, part.sum(1)
 
