@@ -1,6 +1,7 @@
 """The dispatch (normlab.kernels): backend choice, the environment variable, and every factory layer through the
 Triton kernels (CPU tensors run through Triton's interpreter here; conftest.py sets TRITON_INTERPRET=1)."""
 
+import collections
 import copy
 import csv
 import os
@@ -79,6 +80,67 @@ def test_auto_gpu_routes_by_the_gpu_time_table_alone(monkeypatch):
     assert kernels.resolve("group_norm", torch.randn(2, 4, 3, 3), "auto-gpu") is native.group_norm  # CPU: torch's
     with kernels.use_backend("auto-gpu"):
         assert kernels.get_backend() == "auto-gpu"
+
+
+def test_compiling_hands_inductor_plain_ops_unless_triton_is_forced(monkeypatch):
+    """Under torch.compile, auto and auto-gpu resolve to torch's op (else the reference) even where they would run a
+    kernel eagerly; forcing triton still compiles the kernels in."""
+    x = torch.randn(2, 4, 3, 3).as_subclass(FakeCuda)
+    monkeypatch.setattr(triton_ops, "SLOWER_THAN_TORCH", {})
+    monkeypatch.setattr(triton_ops, "SLOWER_THAN_TORCH_EAGER", {})
+    for op in triton_ops.OPS:
+        assert kernels.resolve(op, x, "auto") is getattr(triton_ops, op), op  # eager: the kernel
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for op in triton_ops.OPS:
+        plain = getattr(native, op, getattr(functional, op))
+        assert kernels.resolve(op, x, "auto") is plain, op
+        assert kernels.resolve(op, x, "auto-gpu") is plain, op
+        assert kernels.resolve(op, x, "triton") is getattr(triton_ops, op), op
+
+
+def _aten_ops(module, x) -> list[collections.Counter]:
+    """The aten ops (with multiplicity) of the forward and the backward graph torch.compile's AOTAutograd hands to
+    its compiler for a training step of ``module`` at ``x``."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def capture(gm, _inputs):
+        graphs.append(collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function"))
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture), fullgraph=True)
+    compiled(x.clone().requires_grad_()).sum().backward()
+    return graphs
+
+
+@pytest.mark.parametrize("pair", [
+    (lambda: torch.nn.GroupNorm(4, 16), lambda: normlab.GroupNorm(16, num_groups=4)),
+    (lambda: torch.nn.GroupNorm(1, 16), lambda: normlab.LayerNorm(16)),
+    (lambda: torch.nn.InstanceNorm2d(16, affine=True), lambda: normlab.InstanceNorm2d(16, affine=True)),
+    (lambda: torch.nn.BatchNorm2d(16), lambda: normlab.BatchNorm2d(16, nan_guard=False)),
+], ids=["group_norm", "layer_norm", "instance_norm", "batch_norm"])  # fmt: skip
+def test_compiled_layers_trace_to_the_graph_of_torchs_own(pair):
+    """What Inductor receives for a normlab layer under auto is what it receives for torch's layer: the same aten
+    ops, forward and backward (so the compiled model cannot be slower for the norm's sake)."""
+    make_torch, make_normlab = pair
+    x = torch.randn(4, 16, 6, 6)
+    with kernels.use_backend("auto"):
+        assert _aten_ops(make_normlab(), x) == _aten_ops(make_torch(), x)
+
+
+def test_compiled_batch_norm_nan_guard_adds_only_its_commit():
+    """With its NaN guard (the default), normlab's BatchNorm2d compiles to torch's graph plus the guard's commit:
+    ops on per-channel tensors (a finiteness test and selects), no second normalization."""
+    x = torch.randn(4, 16, 6, 6)
+    theirs = _aten_ops(torch.nn.BatchNorm2d(16), x)
+    ours = _aten_ops(normlab.BatchNorm2d(16), x)
+    assert ours[1] == theirs[1]  # the same backward
+    extra = ours[0] - theirs[0]
+    assert not theirs[0] - ours[0]
+    assert "aten.where.self" in extra and not any("batch_norm" in op or "convolution" in op for op in extra)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,12 @@ Backends:
                    host the wall-time table reflects. The choice depends on the input's shape, dtype and layout
                    only, so a CUDA graph's warm-up compiles every kernel its capture will launch.
 
+Under torch.compile, ``auto`` and ``auto-gpu`` resolve to native (else the reference) whatever the input: Inductor
+then compiles the same plain PyTorch ops it compiles for torch's own layers (normlab's GroupNorm, InstanceNorm,
+LayerNorm and BatchNorm without its NaN guard trace to the very same aten graph) and fuses them with their
+neighbours, where a custom op would stay an opaque call through its Python launcher. ``triton`` still compiles the
+kernels in as custom ops, without graph breaks.
+
 The default comes from the environment variable ``NORMLAB_BACKEND`` (read at import) and can be changed with
 :func:`set_backend` or, for a block, :func:`use_backend`. Every dispatched call also takes ``backend=`` to force one.
 Modules reach implementations only through here, so a CPU-only install always works.
@@ -127,7 +133,7 @@ def resolve(op: str, x: torch.Tensor, backend: str | None = None) -> Callable:
             raise RuntimeError(f"backend='triton' for {op!r}: {_triton_error}")
         impl = _triton_impl(op)
         return impl if impl is not None else getattr(native, op, reference)  # no kernel: as under "auto"
-    if x.is_cuda:
+    if x.is_cuda and not torch.compiler.is_compiling():  # compiling: Inductor gets plain ops (see the docstring)
         impl = _triton_impl(op)
         if impl is not None and not _triton_ops.prefers_torch(op, x, wall_time=name == "auto"):
             return impl

@@ -128,9 +128,10 @@ SLOWER_THAN_TORCH_EAGER: dict[str, Callable[[torch.Tensor], bool]] = {
 """op -> predicate, applied besides :data:`SLOWER_THAN_TORCH`: where it is true, ``auto`` runs torch's op, because
 normlab's kernel measured slower in *wall time* (host cost included) in ``normlab bench kernels`` on an H100
 machine, whose host is slow: one normlab forward+backward costs 0.7-1.3 ms of host time there against torch's
-0.2-0.5 ms, more than most of these ops' GPU time (the README's GPU section). Under torch.compile the kernels run
-through the same Python launchers (the custom ops), and the compiled ResNet-50 steps measured slower than torch's
-compiled ones. In a CUDA graph only the GPU time counts and the kernels win more often: force them there with
+0.2-0.5 ms, more than most of these ops' GPU time (the README's GPU section). Neither table applies under
+torch.compile, where ``auto`` hands Inductor torch's ops (see :mod:`normlab.kernels`): there the kernels ran through
+the same Python launchers (the custom ops), and the compiled ResNet-50 steps measured slower than torch's compiled
+ones. In a CUDA graph only the GPU time counts and the kernels win more often: force them there with
 ``backend="triton"`` for the warm-up and the capture alike (a Triton kernel must be compiled and loaded before a
 capture, so ``auto`` does not switch implementations when a capture starts)."""
 
