@@ -1,6 +1,8 @@
 """normlab GroupNorm and InstanceNorm*d against torch.nn, the functional references and each other."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -255,3 +257,22 @@ def test_large_offset_normalizes_to_zero_mean_unit_std(make, group_dims, channel
     std, mean = torch.std_mean(y, dim=-1, correction=0)
     assert mean.abs().max() < 1e-2
     assert (std - 1).abs().max() < 1e-2
+
+
+def test_channels_last_cpu_backward_without_input_grad_does_not_crash():
+    """torch 2.13's CPU group_norm backward of a channels-last input that does not require grad, with an affine that
+    does, kills the process (segmentation fault: a frozen stem feeding a trained GroupNorm). normlab's native path
+    normalizes a contiguous copy, so its GroupNorm trains there. In a subprocess: a regression must fail the test, not
+    end the test run."""
+    code = (
+        "import torch, normlab\n"
+        "gn = normlab.GroupNorm(16, num_groups=4)\n"
+        "x = torch.randn(4, 16, 6, 6).contiguous(memory_format=torch.channels_last)\n"
+        "with normlab.kernels.use_backend('native'):\n"
+        "    y = gn(x)\n"
+        "    y.sum().backward()\n"
+        "print(y.is_contiguous(memory_format=torch.channels_last), tuple(gn.weight.grad.shape))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == ["True", "(16,)"]

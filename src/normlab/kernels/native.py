@@ -82,8 +82,10 @@ def group_norm(
     """torch.nn.functional.group_norm of a contiguous copy, returned in the input's memory format.
 
     torch's channels-last CPU kernel takes the variance as ``E[x^2] - E[x]^2``, which cancels at a large offset
-    (float32 input with mean 1e4 and std 1 comes out with std ~300); its contiguous kernel is stable. A bias without
-    a weight takes the reference: torch 2.13's group_norm backward fails there ("tensor does not have a device").
+    (float32 input with mean 1e4 and std 1 comes out with std ~300); its contiguous kernel is stable. Its
+    channels-last CPU backward also crashes the process (segmentation fault, torch 2.13) when the input does not
+    require grad and the affine does; the copy avoids that too. A bias without a weight takes the reference: torch
+    2.13's group_norm backward fails there ("tensor does not have a device").
     """
     if weight is None and bias is not None:
         return reference.group_norm(x, num_groups, weight, bias, eps)
