@@ -282,6 +282,8 @@ def _batch_norm():
         for dtype in (torch.float32, torch.bfloat16):  # the layers' standalone guard commit, float and half buffers
             stats = [torch.empty(c, dtype=dtype) for _ in range(4)]
             k.commit_if_finite(*stats, *counters)
+            k.commit_batch_stats(*stats, *counters, 0.1)  # the layers' commit of torch's batch statistics
+            k.commit_batch_stats(*stats, *counters, None)  # cumulative average
 
     def main(x, c):
         _fwd_bwd(k.batch_norm, x, *running(c), _vec(c), _vec(c), True, act="silu")

@@ -325,3 +325,173 @@ def test_layers_commit_through_the_kernel_only_for_cuda_buffers(monkeypatch):
     assert not kernels.commit_if_finite(fake[0], fake[1], strided, fake[3], *counters)  # torch ops do it then
     monkeypatch.setattr(kernels, "_triton_ops", False)  # a CUDA machine where normlab's kernels failed to load
     assert not kernels.commit_if_finite(*fake, *counters) and len(calls) == 1  # the torch ops commit then
+
+
+# ---- torch's batch norm with the guard committed in one launch (the staged batch statistics) ----------------------
+
+
+@pytest.fixture
+def staged_commit(monkeypatch):
+    """The native backend (torch's batch norm, which does not fuse the guard) with the one-launch commit enabled for
+    CPU buffers, as it is for CUDA ones (the commit kernel runs through Triton's interpreter), except under the
+    reference backend, which keeps the copies and torch ops to compare with; yields the list of commit calls."""
+    calls = []
+    commit = kernels.commit_batch_stats
+    monkeypatch.setattr(kernels, "commits_in_one_launch", lambda *_: kernels.get_backend() != "reference")
+    monkeypatch.setattr(kernels, "commit_batch_stats", lambda *args: calls.append(args) or commit(*args))
+    with kernels.use_backend("native"):
+        yield calls
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_staged_guard_commits_and_skips_like_the_reference(staged_commit, layer, momentum):
+    """Step by step over finite and non-finite batches: the same outputs, running statistics and counters as the
+    reference backend's guard (copies and torch ops), through one commit call per step and no cloned buffers."""
+    make, shape, channels_last = LAYERS[layer]
+    ours, ref = _pair(make, momentum=momentum)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for step, kind in enumerate(SEQUENCE):
+            x = _batch(shape, kind, step, channels_last)
+            before = _state(ours)
+            y = ours(x)
+            with kernels.use_backend("reference"):
+                expected = ref(x)
+            if kind == "finite":
+                assert_close(y, expected)
+            else:
+                assert torch.equal(ours.running_mean, before[0]) and torch.equal(ours.running_var, before[1])
+            _assert_same_state(ours, ref)
+            assert not ours._staged.any()  # zeroed for the next step
+    assert len(staged_commit) == len(SEQUENCE)
+    assert int(ours.num_batches_tracked) == 3 and int(ours.num_nonfinite_batches) == 4
+
+
+def test_staged_guard_follows_edits_of_the_running_statistics(staged_commit):
+    """Nothing is cached from the buffers: edits between steps (in place, through .data, load_state_dict,
+    reset_running_stats, a dtype change) are what the next step updates."""
+    ours, ref = _pair(lambda: normlab.BatchNorm2d(5))
+    edits = [
+        lambda bn: None,
+        lambda bn: bn.double(),  # first: the rest compares float64 statistics
+        lambda bn: bn.running_mean.fill_(3.0),
+        lambda bn: bn.running_var.data.mul_(4.0),  # .data: no version counter to notice it by
+        lambda bn: bn.load_state_dict({**bn.state_dict(), "running_mean": torch.arange(5.0)}),
+        lambda bn: bn.reset_running_stats(),
+    ]
+    for step, edit in enumerate(edits):
+        with torch.no_grad():
+            edit(ours), edit(ref)
+        x = _batch((3, 5, 3, 4), "finite", step).to(ours.running_mean.dtype)
+        y = ours(x)
+        with kernels.use_backend("reference"):
+            assert_close(y, ref(x))
+        _assert_same_state(ours, ref)
+    assert ours._staged.dtype == torch.float64
+    assert len(staged_commit) == len(edits)
+
+
+def test_staged_guard_two_forwards_then_one_backward(staged_commit):
+    """A layer used twice before the backward (as torch's batch norm allows): gradients and statistics as the
+    reference's."""
+    ours, ref = _pair(lambda: BatchNormAct2d(5, act="silu"))
+    x1, x2 = _batch((3, 5, 3, 4), "finite", 0), _batch((3, 5, 3, 4), "finite", 1)
+    grads = []
+    for bn, backend in ((ours, "native"), (ref, "reference")):
+        with kernels.use_backend(backend):
+            a, b = x1.clone().requires_grad_(), x2.clone().requires_grad_()
+            (bn(a) * bn(b)).sum().backward()
+        grads.append([a.grad, b.grad, bn.weight.grad, bn.bias.grad])
+    for got, expected in zip(*grads):
+        assert_close(got, expected)
+    _assert_same_state(ours, ref)
+
+
+def test_staged_guard_runs_only_where_the_commit_takes_one_launch():
+    """CPU buffers (and compiled code, synchronized layers, Ghost BN / Batch Renorm) keep the copies and torch ops."""
+    bn = normlab.BatchNorm2d(3)
+    assert not kernels.commits_in_one_launch(bn.running_mean, bn.running_var)  # CPU
+    assert not bn._stages_batch_stats(None)
+    bn(torch.randn(4, 3, 2, 2))
+    assert bn._staged is None
+    with pytest.raises(RuntimeError, match="commit_batch_stats: needs CUDA buffers"):
+        kernels.commit_batch_stats(*(torch.zeros(3),) * 4, torch.tensor(0), torch.tensor(0), 0.1)
+
+
+def test_staged_guard_skips_synchronized_and_other_batch_norms(monkeypatch):
+    monkeypatch.setattr(kernels, "commits_in_one_launch", lambda running_mean, running_var: True)
+    assert normlab.BatchNorm2d(3)._stages_batch_stats(None)
+    assert not normlab.BatchNorm2d(3)._stages_batch_stats(group=object())
+    assert not normlab.GhostBatchNorm2d(3, virtual_batch_size=2)._stages_batch_stats(None)
+    assert not normlab.BatchRenorm2d(3)._stages_batch_stats(None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels", [5, 1500])  # 1500: more than one block of the commit's loops
+@pytest.mark.parametrize("momentum", [0.3, None])
+@pytest.mark.parametrize("kind", ["finite", "nan", "inf"])
+def test_commit_batch_stats_folds_or_counts_and_zeroes(dtype, channels, momentum, kind):
+    running = torch.randn(channels, dtype=torch.float64), torch.rand(channels, dtype=torch.float64) + 0.5
+    batch = torch.randn(channels, dtype=torch.float64), torch.rand(channels, dtype=torch.float64) + 0.5
+    if kind != "finite":
+        batch[1][channels - 1] = float(kind)
+    rmean, rvar, bmean, bvar = (t.to(dtype, copy=True) for t in (*running, *batch))
+    tracked, nonfinite = torch.tensor(4), torch.tensor(1)
+    before = rmean.clone(), rvar.clone()
+    bnk.commit_batch_stats(bmean, bvar, rmean, rvar, tracked, nonfinite, momentum)
+    assert not bmean.any() and not bvar.any()
+    if kind != "finite":
+        assert torch.equal(rmean, before[0]) and torch.equal(rvar, before[1])
+        assert (int(tracked), int(nonfinite)) == (4, 2)
+        return
+    m = 1 / 5 if momentum is None else momentum  # cumulative: 1 / (batches tracked + 1)
+    for got, r, b in zip((rmean, rvar), running, batch):
+        assert_close(got, (m * b.to(dtype).double() + (1 - m) * r.to(dtype).double()).to(dtype))
+    assert (int(tracked), int(nonfinite)) == (5, 1)
+
+
+def test_commit_batch_stats_bad_input():
+    c = torch.zeros(4)
+    counters = torch.tensor(0), torch.tensor(0)
+    with pytest.raises(ValueError, match=r"commit_batch_stats: batch_var must be a contiguous \(4,\) torch.float32"):
+        bnk.commit_batch_stats(c, torch.zeros(8)[::2], c.clone(), c.clone(), *counters, 0.1)
+    with pytest.raises(ValueError, match="commit_batch_stats: num_batches_tracked must be a 0-dim int64 tensor"):
+        bnk.commit_batch_stats(c, c.clone(), c.clone(), c.clone(), torch.tensor([0]), counters[1], None)
+
+
+@pytest.mark.gpu
+def test_cuda_staged_guard_adds_one_launch_to_torchs_batch_norm():
+    """On a GPU, a guarded training step of normlab's BatchNorm2d running torch's batch norm launches what torch's
+    layer launches plus the commit, and still skips and counts a NaN batch."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    ours, ref = _pair(lambda: normlab.BatchNorm2d(256, device="cuda"))
+    theirs = torch.nn.BatchNorm2d(256, device="cuda")
+    x = torch.randn(8, 256, 14, 14, device="cuda").to(memory_format=torch.channels_last)
+
+    def launches(layer):
+        layer(x)  # warm-up
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            layer(x)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+
+    with kernels.use_backend("native"):
+        assert ours._stages_batch_stats(None)
+        ours_launches, their_launches = launches(ours), launches(theirs)
+    assert len(ours_launches) == len(their_launches) + 1, (ours_launches, their_launches)
+    with kernels.use_backend("reference"):
+        ref(x)
+        ref(x)
+    _assert_same_state(ours, ref)
+    bad = x.clone()
+    bad[0, 3, 0, 0] = float("nan")
+    before = _state(ours)
+    with kernels.use_backend("native"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ours(bad)
+    assert torch.equal(ours.running_mean, before[0]) and torch.equal(ours.running_var, before[1])
+    assert int(ours.num_nonfinite_batches) == 1

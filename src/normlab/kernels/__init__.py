@@ -50,7 +50,9 @@ __all__ = [
     "triton_available",
     "call",
     "fuses_nan_guard",
+    "commits_in_one_launch",
     "commit_if_finite",
+    "commit_batch_stats",
 ]
 
 BACKENDS = ("auto", "auto-gpu", "native", "reference", "triton")
@@ -169,19 +171,44 @@ def fuses_nan_guard(op: str, x: torch.Tensor, backend: str | None = None) -> boo
     return bool(_triton_ops) and op in _triton_ops.FUSES_NAN_GUARD and impl is getattr(_triton_ops, op)
 
 
+def commits_in_one_launch(running_mean: torch.Tensor, running_var: torch.Tensor) -> bool:
+    """Whether :func:`commit_if_finite` runs its Triton kernel for these running buffers (and fresh contiguous
+    statistics of their dtype): CUDA buffers, contiguous, normlab's kernels loaded, not compiling."""
+    return (
+        running_mean.is_cuda
+        and bool(_triton_ops)  # loaded, not failed
+        and not torch.compiler.is_compiling()
+        and running_mean.is_contiguous()
+        and running_var.is_contiguous()
+        and running_var.dtype == running_mean.dtype
+    )
+
+
 def commit_if_finite(new_mean, new_var, running_mean, running_var, num_batches_tracked, num_nonfinite_batches) -> bool:
-    """The batch-norm NaN guard's commit in one Triton launch (``batch_norm.commit_if_finite``) for CUDA buffers
-    when normlab's kernels are loaded; returns False without doing anything otherwise (the caller then commits with
-    torch ops). See :meth:`normlab.layers.BatchNorm2d` (``nan_guard``)."""
-    if not (running_mean.is_cuda and _triton_ops and not torch.compiler.is_compiling()):  # loaded, not failed
+    """The batch-norm NaN guard's commit in one Triton launch (``batch_norm.commit_if_finite``) where
+    :func:`commits_in_one_launch`; returns False without doing anything otherwise (the caller then commits with torch
+    ops). See :meth:`normlab.layers.BatchNorm2d` (``nan_guard``)."""
+    if not commits_in_one_launch(running_mean, running_var):
         return False
-    stats = (new_mean, new_var, running_mean, running_var)
-    if not all(t.is_contiguous() and t.dtype == running_mean.dtype for t in stats):
+    if not all(t.is_contiguous() and t.dtype == running_mean.dtype for t in (new_mean, new_var)):
         return False  # the commit kernel's preconditions (it raises on them): the torch ops handle these
     from .batch_norm import commit_if_finite as commit
 
     commit(new_mean, new_var, running_mean, running_var, num_batches_tracked, num_nonfinite_batches)
     return True
+
+
+def commit_batch_stats(
+    batch_mean, batch_var, running_mean, running_var, num_batches_tracked, num_nonfinite_batches, momentum
+) -> None:
+    """``batch_norm.commit_batch_stats``: fold a batch's statistics into the running ones if they are finite, count
+    the batch, zero the batch statistics, in one Triton launch. Only where :func:`commits_in_one_launch` (the caller
+    checks first; a RuntimeError otherwise)."""
+    if not commits_in_one_launch(running_mean, running_var):
+        raise RuntimeError("commit_batch_stats: needs CUDA buffers and normlab's kernels (see commits_in_one_launch)")
+    from .batch_norm import commit_batch_stats as commit
+
+    commit(batch_mean, batch_var, running_mean, running_var, num_batches_tracked, num_nonfinite_batches, momentum)
 
 
 if _backend == "triton" or (torch.cuda.is_available() and triton_available()):

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -82,7 +83,7 @@ from ._triton_utils import (
     with_factor,
 )
 
-__all__ = ["batch_norm", "frozen_batch_norm", "commit_if_finite"]
+__all__ = ["batch_norm", "frozen_batch_norm", "commit_if_finite", "commit_batch_stats"]
 
 _TILE = 8192
 """Elements per program and loop step in every kernel. 8192 instead of 4096 made forward+backward 4-11% faster on
@@ -287,6 +288,46 @@ def _commit_kernel(
 ):  # fmt: skip
     """The NaN guard's commit as a launch of its own (one program), for updates computed outside these kernels."""
     _commit_if_finite(new_mean_ptr, new_var_ptr, rmean_ptr, rvar_ptr, tracked_ptr, nonfinite_ptr, C, BLOCK)
+
+
+@triton.jit
+def _blend_and_clear(b_ptr, r_ptr, cols, commit, cmask, m_hi, m_lo, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """running += (m_hi + m_lo) * (batch - running) where ``commit``, in ACC; batch = 0 where ``cmask``. The momentum
+    comes as two float32 parts (a kernel's float arguments are float32) so that float64 statistics get it whole."""
+    batch = tl.load(b_ptr + cols, mask=commit, other=0.0).to(ACC)
+    running = tl.load(r_ptr + cols, mask=commit, other=0.0).to(ACC)
+    step = batch - running
+    tl.store(r_ptr + cols, (running + (m_hi * step + m_lo * step)).to(r_ptr.dtype.element_ty), mask=commit)
+    tl.store(b_ptr + cols, tl.zeros([BLOCK], b_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _commit_batch_stats_kernel(
+    bmean_ptr, bvar_ptr, rmean_ptr, rvar_ptr, tracked_ptr, nonfinite_ptr, C, momentum_hi, momentum_lo,
+    CUMULATIVE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The NaN guard's commit of a batch's statistics, run by one program: if every channel's batch variance is
+    finite, ``running += momentum * (batch - running)`` (momentum = momentum_hi + momentum_lo; CUMULATIVE:
+    1 / (tracked + 1), read here) and num_batches_tracked + 1; otherwise the running statistics stay and
+    num_nonfinite_batches + 1. The batch statistics are then set to zero either way, ready for the next step."""
+    finite = tl.full([BLOCK], 1, tl.int32)
+    for c0 in range(0, C, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        var = tl.load(bvar_ptr + cols, mask=cols < C, other=0.0)
+        finite = finite & (tl.abs(var) < float("inf")).to(tl.int32)  # false for NaN and +-Inf
+    ok = tl.min(finite, 0)
+    tracked = tl.load(tracked_ptr)
+    m_hi, m_lo = momentum_hi, momentum_lo
+    if CUMULATIVE:
+        m_hi = 1.0 / (tracked + 1).to(ACC)
+    for c0 in range(0, C, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        cmask = cols < C
+        commit = cols < C * ok  # nothing when ok == 0
+        _blend_and_clear(bmean_ptr, rmean_ptr, cols, commit, cmask, m_hi, m_lo, ACC, BLOCK)
+        _blend_and_clear(bvar_ptr, rvar_ptr, cols, commit, cmask, m_hi, m_lo, ACC, BLOCK)
+    tl.store(tracked_ptr, tracked + ok.to(tl.int64))
+    tl.store(nonfinite_ptr, tl.load(nonfinite_ptr) + (1 - ok).to(tl.int64))
 
 
 @triton.jit
@@ -922,22 +963,64 @@ def commit_if_finite(
         ValueError: unless the four statistics are contiguous (C,) tensors of one dtype and the two counters 0-dim
             int64 tensors, all on one device where the kernels run.
     """
-    stats = (new_mean, new_var, running_mean, running_var)
+    stats = {"new_mean": new_mean, "new_var": new_var, "running_mean": running_mean, "running_var": running_var}
+    tensors = _checked_commit("commit_if_finite", stats, num_batches_tracked, num_nonfinite_batches)
     c = running_mean.numel()
-    for name, t in zip(("new_mean", "new_var", "running_mean", "running_var"), stats):
+    _commit_kernel[(1,)](*tensors, c, BLOCK=_commit_block(c))
+
+
+def _checked_commit(owner: str, stats: dict, num_batches_tracked, num_nonfinite_batches) -> tuple[torch.Tensor, ...]:
+    """The arguments of a commit kernel, (*stats, num_batches_tracked, num_nonfinite_batches), after checking that the
+    statistics are contiguous (C,) tensors of running_mean's dtype and the counters 0-dim int64 tensors, all on one
+    device where the kernels run (ValueError naming ``owner`` and the tensor otherwise)."""
+    running_mean = stats["running_mean"]
+    c = running_mean.numel()
+    for name, t in stats.items():
         if t.dim() != 1 or t.numel() != c or not t.is_contiguous() or t.dtype != running_mean.dtype:
             raise ValueError(
-                f"commit_if_finite: {name} must be a contiguous ({c},) {running_mean.dtype} tensor, got "
+                f"{owner}: {name} must be a contiguous ({c},) {running_mean.dtype} tensor, got "
                 f"{t.dtype} of shape {tuple(t.shape)}"
             )
     for name, t in (("num_batches_tracked", num_batches_tracked), ("num_nonfinite_batches", num_nonfinite_batches)):
         if t.dim() != 0 or t.dtype != torch.int64:
-            raise ValueError(f"commit_if_finite: {name} must be a 0-dim int64 tensor, got {t.dtype} {tuple(t.shape)}")
-    tensors = (*stats, num_batches_tracked, num_nonfinite_batches)
+            raise ValueError(f"{owner}: {name} must be a 0-dim int64 tensor, got {t.dtype} {tuple(t.shape)}")
+    tensors = (*stats.values(), num_batches_tracked, num_nonfinite_batches)
     if any(t.device != running_mean.device for t in tensors):
-        raise ValueError("commit_if_finite: every tensor must be on running_mean's device")
-    check_kernel_input("commit_if_finite", running_mean.reshape(1, c))
-    _commit_kernel[(1,)](*tensors, c, BLOCK=_commit_block(c))
+        raise ValueError(f"{owner}: every tensor must be on running_mean's device")
+    check_kernel_input(owner, running_mean.reshape(1, c))
+    return tensors
+
+
+@on_input_device
+def commit_batch_stats(
+    batch_mean: torch.Tensor,
+    batch_var: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    num_batches_tracked: torch.Tensor,
+    num_nonfinite_batches: torch.Tensor,
+    momentum: float | None,
+) -> None:
+    """The batch-norm layers' NaN guard for a batch whose mean and unbiased variance torch's batch norm wrote to
+    ``batch_mean`` / ``batch_var`` (passed as its running statistics, zeros, with momentum 1): in one launch, if every
+    value of ``batch_var`` is finite, ``running = momentum * batch + (1 - momentum) * running`` and
+    ``num_batches_tracked`` + 1, else ``num_nonfinite_batches`` + 1 and nothing else; then ``batch_mean`` and
+    ``batch_var`` are zeroed for the next step. ``momentum=None`` is the cumulative average, 1 / (batches tracked + 1),
+    read on the device (no host synchronization). The writes bypass autograd's version counters, as torch's own
+    running-statistics updates do.
+
+    Raises:
+        ValueError: unless the four statistics are contiguous (C,) tensors of one dtype and the two counters 0-dim
+            int64 tensors, all on one device where the kernels run.
+    """
+    stats = {"batch_mean": batch_mean, "batch_var": batch_var, "running_mean": running_mean, "running_var": running_var}
+    tensors = _checked_commit("commit_batch_stats", stats, num_batches_tracked, num_nonfinite_batches)
+    c = running_mean.numel()
+    hi = 0.0 if momentum is None else float(np.float32(momentum))
+    lo = 0.0 if momentum is None else float(momentum) - hi  # what float32 drops of it: kept for float64 statistics
+    _commit_batch_stats_kernel[(1,)](
+        *tensors, c, hi, lo, CUMULATIVE=momentum is None, ACC=_tl_acc(running_mean.dtype), BLOCK=_commit_block(c)
+    )  # fmt: skip
 
 
 def frozen_batch_norm(

@@ -21,6 +21,8 @@ _GUARD_CHECK_EVERY = 64
 class _BatchNorm(RunningStatsNormBase):
     """Shared body of the batch norms. Subclasses (Ghost BN, Batch Renorm) override :meth:`_normalize`."""
 
+    _staged: torch.Tensor | None = None
+    _staged_key: tuple | None = None
     _fused_guard_op: str | None = None
     """Set by the classes whose :meth:`_normalize` runs this op through ``kernels.call`` and passes on extra keyword
     arguments. Where the op's implementation fuses the NaN guard (``kernels.fuses_nan_guard``: the Triton batch
@@ -89,6 +91,28 @@ class _BatchNorm(RunningStatsNormBase):
         op = self._fused_guard_op
         return op is not None and group is None and kernels.fuses_nan_guard(op, x)
 
+    def _stages_batch_stats(self, group) -> bool:
+        """True where a guarded training step whose implementation does not fuse the guard runs the batch norm on a
+        batch-statistics buffer and commits with ``kernels.commit_batch_stats``: the classes whose
+        :meth:`_normalize` is a plain batch norm (``_fused_guard_op``; Ghost BN and Batch Renorm update
+        differently), unsynchronized, where the commit runs in one launch (CUDA buffers, normlab's kernels, not
+        compiling)."""
+        return (
+            self._fused_guard_op is not None
+            and group is None
+            and kernels.commits_in_one_launch(self.running_mean, self.running_var)
+        )
+
+    def _batch_stats_buffer(self) -> torch.Tensor:
+        """(2, C) zeros in the running statistics' dtype and device, kept between steps (the commit zeroes them after
+        use). A plain attribute, not a buffer: state_dict, DDP's broadcast and .to() do not see it; it is made anew
+        when the running statistics move or change dtype."""
+        key = (self.running_mean.data_ptr(), self.running_mean.dtype)
+        if self._staged is None or self._staged_key != key:
+            self._staged = torch.zeros((2, self.num_features), dtype=key[1], device=self.running_mean.device)
+            self._staged_key = key
+        return self._staged
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         group = self._sync_group()
@@ -96,7 +120,6 @@ class _BatchNorm(RunningStatsNormBase):
         if use_batch_stats and group is None:
             check_batch_has_values(type(self).__name__, x)
         update = self._updates_running_stats()
-        momentum = self._momentum_factor() if update else 0.0
         running_mean, running_var = self.running_mean, self.running_var
         if self.training and not self.track_running_stats:
             running_mean = running_var = None
@@ -104,9 +127,22 @@ class _BatchNorm(RunningStatsNormBase):
         if guarded and self._kernel_commits_guard(x, group):
             # the kernel commits the update only if it is finite and counts the batch, without launches of its own
             counters = (self.num_batches_tracked, self.num_nonfinite_batches)
-            y = self._normalize(x, running_mean, running_var, use_batch_stats, momentum, group, nan_guard=counters)
+            y = self._normalize(
+                x, running_mean, running_var, use_batch_stats, self._momentum_factor(), group, nan_guard=counters
+            )
             self._check_nonfinite(x)
             return y
+        if guarded and self._stages_batch_stats(group):
+            # torch's batch norm writes this batch's mean and unbiased variance (momentum 1) to a zeroed buffer kept
+            # between steps; one launch folds them into the running statistics if finite, counts the batch and
+            # zeroes the buffer again: no copies of the buffers, no host synchronization (even for momentum=None)
+            staged = self._batch_stats_buffer()
+            y = self._normalize(x, staged[0], staged[1], use_batch_stats, 1.0, group)
+            counters = (self.num_batches_tracked, self.num_nonfinite_batches)
+            kernels.commit_batch_stats(staged[0], staged[1], running_mean, running_var, *counters, self.momentum)
+            self._check_nonfinite(x)
+            return y
+        momentum = self._momentum_factor() if update else 0.0
         if guarded:
             # the batch updates copies; the buffers take the result only if it is finite. (Updating the buffers
             # in place and undoing it would break autograd: torch's batch_norm saves them for its backward.)
