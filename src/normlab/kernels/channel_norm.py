@@ -42,6 +42,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -86,7 +87,8 @@ _ROWS_TILE_SCALE = 2
 
 
 class _Launch(NamedTuple):
-    """How one call is tiled: the (N, C, S) view the kernels index and the block sizes."""
+    """How one call is tiled: the (N, C, S) view the kernels index, the block sizes, and the kernels' keyword
+    arguments that follow from them (``kw``: blocks, alignment hints, SINGLE, warps)."""
 
     n: int
     s: int
@@ -95,6 +97,7 @@ class _Launch(NamedTuple):
     block_s: int
     block_c: int
     num_warps: int
+    kw: dict
 
     @property
     def tiles(self) -> int:
@@ -103,18 +106,30 @@ class _Launch(NamedTuple):
 
 def _launch(f: Flat) -> _Launch:
     """Tile sizes for ``f``; rows of contiguous channels (channels_last, or S = 1) are taken as one sample of N * S
-    positions, so a tile never stops at a sample boundary."""
-    if f.stride_c == 1:
-        n, s, stride_n, stride_s = 1, f.n * f.s, 0, f.c
-        block_c = min(next_power_of_2(f.c), _MAX_BLOCK_C_ROWS)
-        block_s = max(1, min(_ROWS_TILE_SCALE * _TILE // block_c, next_power_of_2(s)))
+    positions, so a tile never stops at a sample boundary. Built once per signature (the tuning constants are part of
+    the key: tests shrink them)."""
+    tuning = (_TILE, _MAX_BLOCK_C_ROWS, _MAX_BLOCK_C_STRIDED, _BLOCK_S_STRIDED)
+    return _cached_launch(f.n, f.c, f.s, f.stride_c == 1, tuning)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_launch(n: int, c: int, s: int, rows: bool, tuning: tuple) -> _Launch:
+    tile, max_block_c_rows, max_block_c_strided, (low, high) = tuning
+    if rows:
+        n, s, stride_n, stride_s = 1, n * s, 0, c
+        block_c = min(next_power_of_2(c), max_block_c_rows)
+        block_s = max(1, min(_ROWS_TILE_SCALE * tile // block_c, next_power_of_2(s)))
     else:
-        n, s, stride_n, stride_s = f.n, f.s, f.stride_n, f.stride_s
-        block_c = min(next_power_of_2(f.c), _MAX_BLOCK_C_STRIDED)
-        low, high = _BLOCK_S_STRIDED
-        block_s = min(max(_TILE // block_c, low), high, next_power_of_2(s))
+        stride_n, stride_s = c * s, 1
+        block_c = min(next_power_of_2(c), max_block_c_strided)
+        block_s = min(max(tile // block_c, low), high, next_power_of_2(s))
     num_warps = min(8, max(1, block_s * block_c // 512))
-    return _Launch(n, s, stride_n, stride_s, block_s, block_c, num_warps)
+    stride_c = 1 if rows else s
+    kw = dict(
+        BLOCK_S=block_s, BLOCK_C=block_c, **stride_hints(s, stride_c, stride_s), SINGLE=c <= block_c,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return _Launch(n, s, stride_n, stride_s, block_s, block_c, num_warps, kw)
 
 
 def _backward_programs(tiles: int, device: torch.device) -> int:
@@ -361,11 +376,13 @@ def _channel_norm_bwd_kernel(
 # ---- host launchers and custom ops ----------------------------------------------------------------------------
 
 
-def _fwd_outputs(x: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Uninitialized (y, mean, rstd) of the forward; mean and rstd hold one value per position."""
+def _fwd_outputs(x: torch.Tensor, center: bool, f: Flat | None = None) -> tuple[torch.Tensor, ...]:
+    """Uninitialized (y, mean, rstd) of the forward; mean and rstd hold one value per position. ``f``: ``flat(x)``,
+    when the caller has it."""
+    y = output_like(x) if f is None else torch.empty_like(f.tensor)
     positions = math.prod((x.shape[0], *x.shape[2:]))
     acc = accumulation_dtype(x.dtype)
-    return output_like(x), x.new_empty(positions if center else 0, dtype=acc), x.new_empty(positions, dtype=acc)
+    return y, x.new_empty(positions if center else 0, dtype=acc), x.new_empty(positions, dtype=acc)
 
 
 def _empty_param_grad(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -383,10 +400,10 @@ def _channel_norm_fwd(
 
 @on_input_device
 def _fwd_impl(x, weight, bias, eps, center, act):
-    y, mean, rstd = _fwd_outputs(x, center)
+    f = flat(x)
+    y, mean, rstd = _fwd_outputs(x, center, f)
     if x.numel() == 0:
         return y, mean, rstd
-    f = flat(x)
     launch = _launch(f)
     _channel_norm_fwd_kernel[(launch.tiles,)](
         f.tensor,
@@ -406,11 +423,7 @@ def _fwd_impl(x, weight, bias, eps, center, act):
         HAS_B=bias is not None,
         ACT=act,
         ACC=_acc_type(x.dtype),
-        BLOCK_S=launch.block_s,
-        BLOCK_C=launch.block_c,
-        **stride_hints(launch.s, f.stride_c, launch.stride_s),
-        SINGLE=f.c <= launch.block_c,
-        num_warps=launch.num_warps,
+        **launch.kw,
     )
     return y, mean, rstd
 
@@ -437,13 +450,13 @@ def _channel_norm_bwd(
 
 @on_input_device
 def _bwd_impl(dy, x, weight, bias, mean, rstd, center, act):
-    dx = output_like(x)
+    f = flat(x)
+    dx = torch.empty_like(f.tensor)  # output_like(x)
     if x.numel() == 0:
         zero = [x.new_zeros(0) if p is None else torch.zeros_like(p) for p in (weight, bias)]
         return dx, zero[0], zero[1]
-    f = flat(x)
     launch = _launch(f)
-    single = f.c <= launch.block_c
+    single = launch.kw["SINGLE"]
     programs = _backward_programs(launch.tiles, x.device)
     acc = accumulation_dtype(x.dtype)
     partial = (torch.empty if single else torch.zeros)((2, programs, f.c), device=x.device, dtype=acc)
@@ -467,11 +480,7 @@ def _bwd_impl(dy, x, weight, bias, mean, rstd, center, act):
         HAS_B=bias is not None,
         ACT=act,
         ACC=_acc_type(x.dtype),
-        BLOCK_S=launch.block_s,
-        BLOCK_C=launch.block_c,
-        **stride_hints(launch.s, f.stride_c, launch.stride_s),
-        SINGLE=single,
-        num_warps=launch.num_warps,
+        **launch.kw,
     )
     dweight, dbias = grads_as_params(partial.sum(dim=1), (weight, bias))
     dweight = _empty_param_grad(weight, x) if weight is None else dweight
