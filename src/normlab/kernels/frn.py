@@ -43,6 +43,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -80,7 +81,8 @@ _PROGRAMS_PER_SM = 4  # enough programs to fill the GPU (per CPU for the interpr
 
 
 class _Launch(NamedTuple):
-    """How one call is tiled: block sizes, the split of the positions, and whether one tile covers them."""
+    """How one call is tiled: block sizes, the split of the positions, and whether one tile covers them; ``grid`` and
+    ``blocks`` (the kernels' block keyword arguments and alignment hints) follow from them."""
 
     block_s: int
     block_c: int
@@ -88,6 +90,8 @@ class _Launch(NamedTuple):
     split: int
     blocks_per_split: int
     num_warps: int
+    grid: tuple[int, int]
+    blocks: dict
 
     @property
     def single(self) -> bool:
@@ -95,20 +99,31 @@ class _Launch(NamedTuple):
 
 
 def _launch(f: Flat, device: torch.device) -> _Launch:
-    if f.channels_last:
-        block_c = min(next_power_of_2(f.c), _MAX_BLOCK_C_CHANNELS_LAST)
-        block_s = max(1, min(_TILE // block_c, next_power_of_2(f.s)))
+    """The tiling for ``f`` on ``device``, built once per signature (the tuning constants are part of the key: tests
+    shrink them)."""
+    tuning = (_TILE, _MAX_BLOCK_C_CHANNELS_LAST, _MAX_BLOCK_S, _PROGRAMS_PER_SM)
+    return _cached_launch(f.n, f.c, f.s, f.channels_last, f.stride_c, f.stride_s, sm_count(device, 1), tuning)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_launch(n, c, s, channels_last, stride_c, stride_s, units, tuning) -> _Launch:
+    tile, max_block_c_channels_last, max_block_s, programs_per_sm = tuning
+    if channels_last:
+        block_c = min(next_power_of_2(c), max_block_c_channels_last)
+        block_s = max(1, min(tile // block_c, next_power_of_2(s)))
     else:
-        block_s = min(next_power_of_2(f.s), _MAX_BLOCK_S)
-        block_c = max(1, min(_TILE // block_s, next_power_of_2(f.c)))
-    c_blocks = cdiv(f.c, block_c)
-    s_blocks = cdiv(f.s, block_s)
-    units = sm_count(device, 1)
-    split = min(s_blocks, max(1, cdiv(_PROGRAMS_PER_SM * units, f.n * c_blocks)))
+        block_s = min(next_power_of_2(s), max_block_s)
+        block_c = max(1, min(tile // block_s, next_power_of_2(c)))
+    c_blocks = cdiv(c, block_c)
+    s_blocks = cdiv(s, block_s)
+    split = min(s_blocks, max(1, cdiv(programs_per_sm * units, n * c_blocks)))
     blocks_per_split = cdiv(s_blocks, split)
     split = cdiv(s_blocks, blocks_per_split)
     num_warps = min(8, max(1, block_s * block_c // 512))
-    return _Launch(block_s, block_c, c_blocks, split, blocks_per_split, num_warps)
+    blocks = dict(
+        BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps, **stride_hints(s, stride_c, stride_s),
+    )  # fmt: skip
+    return _Launch(block_s, block_c, c_blocks, split, blocks_per_split, num_warps, (n * c_blocks, split), blocks)
 
 
 def _launch_args(f: Flat, launch: _Launch, weight, bias, tau) -> tuple[tuple, dict, dict, tuple[int, int]]:
@@ -116,11 +131,7 @@ def _launch_args(f: Flat, launch: _Launch, weight, bias, tau) -> tuple[tuple, di
     strides = (f.stride_n, f.stride_c, f.stride_s)
     acc = _acc_type(f.tensor.dtype)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_TAU=tau is not None, ACC=acc)
-    blocks = dict(
-        BLOCK_S=launch.block_s, BLOCK_C=launch.block_c, num_warps=launch.num_warps,
-        **stride_hints(f.s, f.stride_c, f.stride_s),
-    )  # fmt: skip
-    return strides, flags, blocks, (f.n * launch.c_blocks, launch.split)
+    return strides, flags, launch.blocks, launch.grid
 
 
 def _acc_type(dtype: torch.dtype):
