@@ -61,3 +61,23 @@ def test_gpu_all_runs_its_steps_and_writes_the_summary_without_a_gpu(tmp_path):
     log = (out / "run.log").read_text()
     assert "timing needs a CUDA GPU" in log and "--graph" in log
     assert sorted(p.name for p in out.iterdir()) == ["run.log", "summary.txt", "warm.log"]
+
+
+def test_host_cost_measures_every_op_with_its_launches(tmp_path):
+    """benchmarks/host_cost.py: every op in both passes, with the launches its stubbed kernels counted (the Triton
+    path ran, not a fallback) and torch's time where torch has the module."""
+    out = tmp_path / "host.csv"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "host_cost.py"), "--quick", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    assert {r["pass"] for r in rows} == {"fwd+bwd", "no-grad fwd"}
+    assert len(rows) == 2 * len({r["op"] for r in rows}) >= 16
+    for r in rows:
+        assert int(r["launches"]) >= 1 and float(r["normlab_host_us"]) > 0, r
+        assert (r["torch_us"] == "") == r["op"].startswith(("LayerNorm2d", "RMSNorm2d", "Filter", "EvoNorm")), r
+    by_op = {(r["op"], r["pass"]): int(r["launches"]) for r in rows}
+    assert by_op[("GroupNorm(32)", "fwd+bwd")] > by_op[("GroupNorm(32)", "no-grad fwd")]
