@@ -21,7 +21,7 @@ _GUARD_CHECK_EVERY = 64
 class _BatchNorm(RunningStatsNormBase):
     """Shared body of the batch norms. Subclasses (Ghost BN, Batch Renorm) override :meth:`_normalize`."""
 
-    _staged: torch.Tensor | None = None
+    _staged: tuple[torch.Tensor, torch.Tensor] | None = None
     _staged_key: tuple | None = None
     _fused_guard_op: str | None = None
     """Set by the classes whose :meth:`_normalize` runs this op through ``kernels.call`` and passes on extra keyword
@@ -103,13 +103,15 @@ class _BatchNorm(RunningStatsNormBase):
             and kernels.commits_in_one_launch(self.running_mean, self.running_var)
         )
 
-    def _batch_stats_buffer(self) -> torch.Tensor:
-        """(2, C) zeros in the running statistics' dtype and device, kept between steps (the commit zeroes them after
-        use). A plain attribute, not a buffer: state_dict, DDP's broadcast and .to() do not see it; it is made anew
-        when the running statistics move or change dtype."""
+    def _batch_stats_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two (C,) zero tensors (batch mean, batch variance) in the running statistics' dtype and device, kept between
+        steps (the commit zeroes them after use); two allocations rather than views of one, so that each starts
+        aligned and a step creates no view. A plain attribute, not buffers: state_dict, DDP's broadcast and .to() do
+        not see them; they are made anew when the running statistics move or change dtype."""
         key = (self.running_mean.data_ptr(), self.running_mean.dtype)
         if self._staged is None or self._staged_key != key:
-            self._staged = torch.zeros((2, self.num_features), dtype=key[1], device=self.running_mean.device)
+            like = self.running_mean
+            self._staged = (torch.zeros_like(like), torch.zeros_like(like))
             self._staged_key = key
         return self._staged
 
@@ -136,10 +138,10 @@ class _BatchNorm(RunningStatsNormBase):
             # torch's batch norm writes this batch's mean and unbiased variance (momentum 1) to a zeroed buffer kept
             # between steps; one launch folds them into the running statistics if finite, counts the batch and
             # zeroes the buffer again: no copies of the buffers, no host synchronization (even for momentum=None)
-            staged = self._batch_stats_buffer()
-            y = self._normalize(x, staged[0], staged[1], use_batch_stats, 1.0, group)
+            batch_mean, batch_var = self._batch_stats_buffers()
+            y = self._normalize(x, batch_mean, batch_var, use_batch_stats, 1.0, group)
             counters = (self.num_batches_tracked, self.num_nonfinite_batches)
-            kernels.commit_batch_stats(staged[0], staged[1], running_mean, running_var, *counters, self.momentum)
+            kernels.commit_batch_stats(batch_mean, batch_var, running_mean, running_var, *counters, self.momentum)
             self._check_nonfinite(x)
             return y
         momentum = self._momentum_factor() if update else 0.0
