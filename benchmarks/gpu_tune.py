@@ -63,6 +63,7 @@ CANDIDATES = {
         {"_TILE_CHANNELS": 256},
         {"_TILE_POSITIONS": 512},
         {"_TILE_POSITIONS": 2048},
+        {"_FUSE_SPLITS": 0},  # the split partials merged by launches of their own, not in the normalize / dx kernels
     ],
     "batch_norm": [
         {},

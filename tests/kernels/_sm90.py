@@ -217,6 +217,15 @@ def _group_norm():
                 _fwd_bwd(k.evonorm_s0, x, 32, _vec(c), _vec(c), _vec(c))
 
     _run_cases(sweep, main)
+    # the same ResNet-50 shapes with the split partials merged by launches of their own (_FUSE_SPLITS = 0), where the
+    # normalizing and dx kernels merge them above
+    fuse_splits, k._FUSE_SPLITS = k._FUSE_SPLITS, 0
+    try:
+        for cl in (True, False):
+            sweep(_x(CONV_SHAPES[0], torch.bfloat16, cl), CONV_SHAPES[0][1])
+            main(_x(CONV_SHAPES[2], torch.bfloat16, cl), CONV_SHAPES[2][1])
+    finally:
+        k._FUSE_SPLITS = fuse_splits
     # ResNet-50's stage 3 in float32 NCHW: rows of 14 x 14 positions, 16-byte aligned but not a multiple of 16
     _fwd_bwd(k.group_norm, _x((32, 1024, 14, 14), torch.float32, False), 32, _vec(1024), _vec(1024))
     # instance norm over rows of 7 x 7 positions, which load element by element (spilled with 4 warps)

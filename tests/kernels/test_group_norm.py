@@ -71,15 +71,17 @@ def assert_matches_reference(op, x, params, scale=1.0):
 
 
 @contextlib.contextmanager
-def forced_blocks(block_s, block_g, block_cg, span):
+def forced_blocks(block_s, block_g, block_cg, span, fuse=False):
     """Replace the launch configuration with tiny blocks so that small shapes loop over several position tiles and
-    channel chunks, and split positions over programs (the second-stage kernels run)."""
+    channel chunks, and split positions over programs: the split partials are merged by the second-stage kernels,
+    or with ``fuse`` inside the normalizing and dx kernels (whatever the number of splits)."""
 
     def small(n, groups, group_size, positions, channels_last, sm_count):
         rows = channels_last and block_cg == group_size and 1 < group_size < 8  # as blocks() decides
         return kernels.Blocks(block_s, block_g, block_cg, math.ceil(positions / span), span, 1, rows)
 
-    with mock.patch.object(kernels, "blocks", small):
+    fusing = {"_FUSE_SPLITS": 1 << 20, "_FUSE_READS": 0} if fuse else {"_FUSE_SPLITS": 0}
+    with mock.patch.object(kernels, "blocks", small), mock.patch.multiple(kernels, **fusing):
         yield
 
 
@@ -121,15 +123,40 @@ def test_other_ranks(op, shape, channels_last):
     assert_matches_reference(op, x, params_for(op, 6))
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["stage2-launches", "fused"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("op", OPS)
-def test_loops_and_splits(op, channels_last):
+def test_loops_and_splits(op, channels_last, fuse):
     """Tiles of 2 positions x 2 groups x 2 channels and 3 positions per split: every kernel loops over position tiles
     (the last one partial), channel chunks (groups of 3 channels) and group blocks (3 groups), and positions are
-    split over programs (so the statistics and gradient partials go through the second-stage kernels)."""
+    split over programs (so the statistics and gradient partials are merged: by the second-stage kernels, or fused
+    into the normalizing and dx kernels)."""
     x = make_x((2, 9, 2, 3), channels_last=channels_last)
-    with forced_blocks(block_s=2, block_g=2, block_cg=2, span=3):
+    with forced_blocks(block_s=2, block_g=2, block_cg=2, span=3, fuse=fuse):
         assert_matches_reference(op, x, params_for(op, 9))
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last, fused_merge, fused_sums",
+    [
+        ((32, 256, 56, 56), True, True, True),  # the issue's shape: 10 splits per sample
+        ((64, 512, 28, 28), True, True, True),
+        ((32, 256, 56, 56), False, False, True),  # one split: the statistics are final, the sums fused
+        ((64, 2048, 7, 7), True, True, False),  # 49 positions: the partials would be a third of the tensor
+        ((2, 256, 56, 56), True, False, False),  # batch 2: ~200 splits per sample, second-stage launches
+    ],
+)
+def test_plan_merges_few_split_partials_in_the_main_kernels(shape, channels_last, fused_merge, fused_sums):
+    """With few position splits per sample (larger batches), the normalizing and dx kernels merge the partials
+    themselves and the second-stage launches are skipped; with many, the second stage runs."""
+    x = torch.empty(shape, device="meta")
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    plan = kernels._plan(kernels.flat(x), 32, torch.device("cpu"), True, True, False, True, 0, False)
+    assert plan.normalize["FUSED_MERGE"] is fused_merge
+    assert (plan.merge is None) is (fused_merge or plan.cfg.splits == 1)
+    assert plan.dx["FUSED_SUMS"] is fused_sums and (plan.group_sums is None) is fused_sums
+    given = kernels._plan(kernels.flat(x), 32, torch.device("cpu"), True, True, False, True, 0, True)
+    assert not given.normalize["FUSED_MERGE"] and not given.dx["FUSED_SUMS"] and given.group_sums is None
 
 
 @pytest.mark.parametrize("group_size", [2, 4])
@@ -141,8 +168,9 @@ def test_narrow_groups_channels_last_as_rows_of_channels(op, group_size):
     x = make_x((2, 3 * group_size, 3, 3), channels_last=True)
     assert kernels.blocks(2, 3, group_size, 9, True, 132).rows
     assert_matches_reference(op, x, params_for(op, 3 * group_size))
-    with forced_blocks(block_s=2, block_g=2, block_cg=group_size, span=4):
-        assert_matches_reference(op, x, params_for(op, 3 * group_size))
+    for fuse in (False, True):
+        with forced_blocks(block_s=2, block_g=2, block_cg=group_size, span=4, fuse=fuse):
+            assert_matches_reference(op, x, params_for(op, 3 * group_size))
 
 
 @settings(max_examples=12)
@@ -156,15 +184,16 @@ def test_narrow_groups_channels_last_as_rows_of_channels(op, group_size):
     block_g=st.sampled_from([1, 2, 4]),
     block_cg=st.sampled_from([1, 2, 8]),
     span=st.integers(2, 16),
+    fuse=st.booleans(),
 )
 def test_group_norm_any_shape_and_blocks(
-    n, groups, group_size, spatial, channels_last, block_s, block_g, block_cg, span
+    n, groups, group_size, spatial, channels_last, block_s, block_g, block_cg, span, fuse
 ):
     """Group norm is right for any shape (batch 1, primes, one position) under any launch configuration."""
     shape = (n, groups * group_size, *spatial)
     x = make_x(shape, channels_last=channels_last and len(shape) == 4)
     w, b = params_for("group_norm", shape[1])
-    with forced_blocks(block_s, block_g, block_cg, span):
+    with forced_blocks(block_s, block_g, block_cg, span, fuse=fuse):
         actual = forward_backward(lambda x, w, b: kernels.group_norm(x, groups, w, b), x, w, b)
     expected = forward_backward(lambda x, w, b: reference.group_norm(x, groups, w, b), x, w, b)
     assert_all_close(actual, expected, scale=3)
@@ -238,11 +267,12 @@ def test_fused_activation_equals_reference_then_activation(op, channels_last, ac
     assert_all_close(actual, expected)
 
 
-def test_fused_activation_in_bfloat16_with_loops():
+@pytest.mark.parametrize("fuse", [False, True], ids=["stage2-launches", "fused"])
+def test_fused_activation_in_bfloat16_with_loops(fuse):
     x = make_x((2, 9, 2, 3), torch.bfloat16, channels_last=True)
     w, b = params_for("group_norm", 9)
     g = grad_like(x)
-    with forced_blocks(block_s=2, block_g=2, block_cg=2, span=3):
+    with forced_blocks(block_s=2, block_g=2, block_cg=2, span=3, fuse=fuse):
         actual = forward_backward(lambda x, w, b: kernels.group_norm(x, 3, w, b, act="silu"), x, w, b, g=g)
     expected = forward_backward(
         lambda x, w, b: F.silu(reference.group_norm(x, 3, w, b)), x.double(), w.double(), b.double(), g=g.double()
@@ -301,12 +331,12 @@ def test_instance_norm_eval_is_running_stats_affine(dtype, channels_last):
 
 
 @pytest.mark.parametrize("dtype, offset", [(torch.float32, 1e4), (torch.bfloat16, 100.0)], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("forced", [False, True], ids=["gpu-blocks", "small-blocks"])
+@pytest.mark.parametrize("forced", [None, False, True], ids=["gpu-blocks", "small-blocks", "small-blocks-fused"])
 @pytest.mark.parametrize("op", ["group_norm", "instance_norm", "layer_norm", "evonorm_s0"])
 def test_large_offset_normalizes(op, dtype, offset, forced):
     x = make_x((2, 6, 6, 7), dtype, channels_last=True, scale=1.0, shift=offset)
     dims = {"instance_norm": (2, 3), "layer_norm": (1, 2, 3)}.get(op)
-    with forced_blocks(4, 2, 4, 16) if forced else contextlib.nullcontext():
+    with forced_blocks(4, 2, 4, 16, fuse=forced) if forced is not None else contextlib.nullcontext():
         y = OPS[op][0](kernels, x, *[None] * len(OPS[op][1])).double()
     if dims is None:
         y, dims = y.reshape(2, 3, 2, 6, 7), (2, 3, 4)

@@ -110,6 +110,17 @@ _STAGE2_TILE = 4096
 """Elements a second-stage program (merging the per-split partials) loads per step."""
 _STAGE2_CHANNELS = 64
 """Channels a second-stage program covers: small, so that the (N, G / groups-per-program) grid has many programs."""
+_FUSE_SPLITS = 16
+"""At most this many position splits per sample, the normalizing and dx kernels merge the splits' partials
+themselves (the statistics, the gradient's group terms) instead of a launch of its own doing it first: one launch
+fewer in the forward and in the backward at batch sizes that need few splits. The partials are small and read from
+L2. 0 never fuses (tests force either way; ``benchmarks/gpu_tune.py`` times 0 against this). Not yet timed on a GPU:
+the value is a first guess."""
+_FUSED_TILE = 1024
+"""Values per loop step of the partials a fusing main kernel merges (see ``_cached_plan``)."""
+_FUSE_READS = 16
+"""...and only where the partials each program then reads, about 2 splits^2 values per position of a sample's
+group, are at most 2 / _FUSE_READS of the tensor's values (1/8). 0 drops this condition."""
 
 
 @dataclass(frozen=True)
@@ -340,25 +351,10 @@ def _stats_kernel(
 
 
 @triton.jit
-def _merge_stats_kernel(
-    part_mean_ptr,
-    part_m2_ptr,
-    mean_ptr,
-    var_ptr,
-    S,
-    G,
-    splits,
-    span,
-    CG: tl.constexpr,
-    RMS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-):
-    """mean, var (N, G) from the (mean, M2) partials of the splits, by Chan's formula one block of splits at a time."""
-    acc: tl.constexpr = mean_ptr.dtype.element_ty
-    n = tl.program_id(0)
-    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    g_ok = groups < G
+def _merged_stats(part_mean_ptr, part_m2_ptr, n, groups, g_ok, S, G, splits, span, CG: tl.constexpr,
+                  RMS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, acc: tl.constexpr):  # fmt: skip
+    """(mean, var) [BLOCK_G] of sample n's ``groups`` from the (mean, M2) partials of its splits, by Chan's formula
+    one block of splits at a time."""
     count = tl.zeros([BLOCK_G], acc)
     mean = tl.zeros([BLOCK_G], acc)
     m2 = tl.zeros([BLOCK_G], acc)
@@ -374,7 +370,31 @@ def _merge_stats_kernel(
         dev = part_mean - block_mean[None, :]
         block_m2 = tl.sum(part_m2 + part_count * dev * dev, 0)
         count, mean, m2 = _chan_merge(count, mean, m2, block_count, block_mean, block_m2)
-    mean, var = _finalize(mean, m2 / tl.maximum(count, 1.0), RMS)
+    return _finalize(mean, m2 / tl.maximum(count, 1.0), RMS)
+
+
+@triton.jit
+def _merge_stats_kernel(
+    part_mean_ptr,
+    part_m2_ptr,
+    mean_ptr,
+    var_ptr,
+    S,
+    G,
+    splits,
+    span,
+    CG: tl.constexpr,
+    RMS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """mean, var (N, G) from the (mean, M2) partials of the splits (:func:`_merged_stats`)."""
+    acc: tl.constexpr = mean_ptr.dtype.element_ty
+    n = tl.program_id(0)
+    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_ok = groups < G
+    mean, var = _merged_stats(part_mean_ptr, part_m2_ptr, n, groups, g_ok, S, G, splits, span, CG, RMS, BLOCK_K,
+                              BLOCK_G, acc)  # fmt: skip
     tl.store(mean_ptr + n * G + groups, mean, mask=g_ok)
     tl.store(var_ptr + n * G + groups, var, mask=g_ok)
 
@@ -388,6 +408,8 @@ def _normalize_kernel(
     v_ptr,
     mean_ptr,
     var_ptr,
+    part_mean_ptr,
+    part_m2_ptr,
     eps,
     S,
     C,
@@ -407,13 +429,26 @@ def _normalize_kernel(
     BLOCK_CG: tl.constexpr,
     ROWS: tl.constexpr,
     S_DIV: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
+    RMS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """y = act(xhat w + b) for this program's positions and groups."""
+    """y = act(xhat w + b) for this program's positions and groups. FUSED_MERGE: the statistics come from merging the
+    splits' partials here (:func:`_merged_stats`, in place of a merge launch), and each sample's first split writes
+    them to mean / var for the backward."""
     S = with_factor(S, S_DIV)
     acc: tl.constexpr = mean_ptr.dtype.element_ty
     row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
     g_ok = groups < G
-    mean, rstd = _group_stats(mean_ptr, var_ptr, n, stat_stride_n, groups, g_ok, eps)
+    if FUSED_MERGE:
+        mean, var = _merged_stats(part_mean_ptr, part_m2_ptr, n, groups, g_ok, S, G, splits, span, CG, RMS, BLOCK_K,
+                                  BLOCK_G, acc)  # fmt: skip
+        if row % splits == 0:  # the sample's first split keeps the statistics for the backward
+            tl.store(mean_ptr + n * G + groups, mean, mask=g_ok)
+            tl.store(var_ptr + n * G + groups, var, mask=g_ok)
+        rstd = tl.rsqrt(var + eps)
+    else:
+        mean, rstd = _group_stats(mean_ptr, var_ptr, n, stat_stride_n, groups, g_ok, eps)
     base = n.to(tl.int64) * stride_n
     for c0 in range(0, CG, BLOCK_CG):
         c_ok, chan = _chunk(groups, g_ok, c0, CG, BLOCK_CG)
@@ -505,6 +540,30 @@ def _bwd_reduce_kernel(
 
 
 @triton.jit
+def _group_grad_sums(part_ptr, w_ptr, part_stride, n, groups, g_ok, C, splits, inv_count, CG: tl.constexpr,
+                     HAS_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
+                     acc: tl.constexpr):  # fmt: skip
+    """(c1, c2) [BLOCK_G] = (E_g[dz w], E_g[dz w xhat]) of sample n's ``groups`` from the per-channel partials of
+    every split (rows n * splits + k of ``part``: dz xhat, then dz at ``part_stride``)."""
+    sum_a = tl.zeros([BLOCK_G], acc)
+    sum_b = tl.zeros([BLOCK_G], acc)
+    for c0 in range(0, CG, BLOCK_CG):
+        c_ok, chan = _chunk(groups, g_ok, c0, CG, BLOCK_CG)
+        total_a = tl.zeros([BLOCK_G, BLOCK_CG], acc)
+        total_b = tl.zeros([BLOCK_G, BLOCK_CG], acc)
+        for k0 in range(0, splits, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask = (ks < splits)[:, None, None] & c_ok[None, :, :]
+            idx = (n * splits + ks)[:, None, None] * C + chan[None, :, :]
+            total_a += tl.sum(tl.load(part_ptr + idx, mask=mask, other=0.0), 0)
+            total_b += tl.sum(tl.load(part_ptr + part_stride + idx, mask=mask, other=0.0), 0)
+        w = _channel_param(w_ptr, chan, c_ok, HAS_W, 1.0, acc)
+        sum_a += tl.sum(total_a * w, 1)
+        sum_b += tl.sum(total_b * w, 1)
+    return sum_b * inv_count, sum_a * inv_count
+
+
+@triton.jit
 def _bwd_group_sums_kernel(
     part_ptr,
     w_ptr,
@@ -521,28 +580,15 @@ def _bwd_group_sums_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr,
 ):
-    """c1 = E_g[dz w] and c2 = E_g[dz w xhat] per (n, g) from the per-channel partials of every split."""
+    """c1, c2 (N, G) of :func:`_group_grad_sums`, stored for the dx kernel."""
     acc: tl.constexpr = c1_ptr.dtype.element_ty
     n = tl.program_id(0)
     groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     g_ok = groups < G
-    sum_a = tl.zeros([BLOCK_G], acc)
-    sum_b = tl.zeros([BLOCK_G], acc)
-    for c0 in range(0, CG, BLOCK_CG):
-        c_ok, chan = _chunk(groups, g_ok, c0, CG, BLOCK_CG)
-        total_a = tl.zeros([BLOCK_G, BLOCK_CG], acc)
-        total_b = tl.zeros([BLOCK_G, BLOCK_CG], acc)
-        for k0 in range(0, splits, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mask = (ks < splits)[:, None, None] & c_ok[None, :, :]
-            idx = (n * splits + ks)[:, None, None] * C + chan[None, :, :]
-            total_a += tl.sum(tl.load(part_ptr + idx, mask=mask, other=0.0), 0)
-            total_b += tl.sum(tl.load(part_ptr + part_stride + idx, mask=mask, other=0.0), 0)
-        w = _channel_param(w_ptr, chan, c_ok, HAS_W, 1.0, acc)
-        sum_a += tl.sum(total_a * w, 1)
-        sum_b += tl.sum(total_b * w, 1)
-    tl.store(c1_ptr + n * G + groups, sum_b * inv_count, mask=g_ok)
-    tl.store(c2_ptr + n * G + groups, sum_a * inv_count, mask=g_ok)
+    c1, c2 = _group_grad_sums(part_ptr, w_ptr, part_stride, n, groups, g_ok, C, splits, inv_count, CG, HAS_W,
+                              BLOCK_K, BLOCK_G, BLOCK_CG, acc)  # fmt: skip
+    tl.store(c1_ptr + n * G + groups, c1, mask=g_ok)
+    tl.store(c2_ptr + n * G + groups, c2, mask=g_ok)
 
 
 @triton.jit
@@ -557,6 +603,7 @@ def _bwd_dx_kernel(
     var_ptr,
     c1_ptr,
     c2_ptr,
+    part_ptr,
     eps,
     S,
     C,
@@ -565,6 +612,8 @@ def _bwd_dx_kernel(
     span,
     stride_n,
     stat_stride_n,
+    part_stride,
+    inv_count,
     CG: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -578,8 +627,12 @@ def _bwd_dx_kernel(
     BLOCK_CG: tl.constexpr,
     ROWS: tl.constexpr,
     S_DIV: tl.constexpr,
+    FUSED_SUMS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_CG_SUMS: tl.constexpr,
 ):
-    """dx = rstd (dz w h' - c1 - (x - mean) rstd c2); without STATS_GRAD (fixed statistics) dx = rstd dz w h'."""
+    """dx = rstd (dz w h' - c1 - (x - mean) rstd c2); without STATS_GRAD (fixed statistics) dx = rstd dz w h'.
+    FUSED_SUMS: c1 and c2 come from the partials here (:func:`_group_grad_sums`, in place of a launch of their own)."""
     S = with_factor(S, S_DIV)
     acc: tl.constexpr = mean_ptr.dtype.element_ty
     row, n, s_lo, s_hi, groups = _program(splits, span, S, BLOCK_G)
@@ -587,9 +640,14 @@ def _bwd_dx_kernel(
     mean, rstd = _group_stats(mean_ptr, var_ptr, n, stat_stride_n, groups, g_ok, eps)
     mean, rstd = mean[None, :, None], rstd[None, :, None]
     if STATS_GRAD:
-        c2 = tl.load(c2_ptr + n * G + groups, mask=g_ok, other=0.0)[None, :, None]
-        if CENTER:
-            c1 = tl.load(c1_ptr + n * G + groups, mask=g_ok, other=0.0)[None, :, None]
+        if FUSED_SUMS:
+            c1, c2 = _group_grad_sums(part_ptr, w_ptr, part_stride, n, groups, g_ok, C, splits, inv_count, CG, HAS_W,
+                                      BLOCK_K, BLOCK_G, BLOCK_CG_SUMS, acc)  # fmt: skip
+            c1, c2 = c1[None, :, None], c2[None, :, None]
+        else:
+            c2 = tl.load(c2_ptr + n * G + groups, mask=g_ok, other=0.0)[None, :, None]
+            if CENTER:
+                c1 = tl.load(c1_ptr + n * G + groups, mask=g_ok, other=0.0)[None, :, None]
     base = n.to(tl.int64) * stride_n
     for c0 in range(0, CG, BLOCK_CG):
         c_ok, chan = _chunk(groups, g_ok, c0, CG, BLOCK_CG)
@@ -644,24 +702,34 @@ class _Plan(NamedTuple):
     """Row stride of the (N, G) statistics; 0 for given per-channel statistics (one row)."""
     stats: dict
     merge: tuple[tuple[int, int], dict] | None
-    """(grid, keywords) of the merge of per-split partial statistics; None when each program covers a whole sample."""
+    """(grid, keywords) of the launch that merges per-split partial statistics; None when each program covers a
+    whole sample, or when the normalizing kernel merges them itself (``normalize["FUSED_MERGE"]``)."""
     normalize: dict
     reduce: dict
-    group_sums: tuple[tuple[int, int], dict]
+    group_sums: tuple[tuple[int, int], dict] | None
+    """(grid, keywords) of the launch that sums the gradient's group terms; None when the dx kernel sums them
+    itself (``dx["FUSED_SUMS"]``) or the statistics are given (no such terms)."""
     dx: dict
 
 
 def _plan(f, groups: int, device: torch.device, has_w, has_b, gate, center, act, given_stats) -> _Plan:
     """The :class:`_Plan` of a call on ``f`` (a :class:`Flat`) in ``groups`` groups with these parameter flags."""
     sm = sm_count(device, _SM_COUNT_WITHOUT_CUDA)
+    tuning = (blocks, _FUSE_SPLITS, _FUSE_READS)  # tests replace these: part of the key
     return _cached_plan(
-        blocks, f.n, f.c, f.s, f.channels_last, groups, sm, has_w, has_b, gate, center, act, given_stats
+        tuning, f.n, f.c, f.s, f.channels_last, groups, sm, has_w, has_b, gate, center, act, given_stats
     )
 
 
+def _fuses(splits: int, positions: int) -> bool:
+    """Whether a kernel over ``positions`` positions per program row should merge the ``splits`` partials of its
+    sample itself rather than leave them to a launch of its own (:data:`_FUSE_SPLITS`, :data:`_FUSE_READS`)."""
+    return splits <= _FUSE_SPLITS and _FUSE_READS * splits * splits <= positions
+
+
 @functools.lru_cache(maxsize=4096)
-def _cached_plan(choose_blocks, n, c, s, channels_last, g, sm, has_w, has_b, gate, center, act, given_stats) -> _Plan:
-    # keyed by the blocks function too: tests replace it to force small blocks
+def _cached_plan(tuning, n, c, s, channels_last, g, sm, has_w, has_b, gate, center, act, given_stats) -> _Plan:
+    choose_blocks = tuning[0]
     cg = c // g
     cfg = choose_blocks(n, g, cg, s, channels_last, sm)
     tiles = dict(
@@ -670,13 +738,22 @@ def _cached_plan(choose_blocks, n, c, s, channels_last, g, sm, has_w, has_b, gat
     )  # fmt: skip
     params = dict(HAS_W=has_w, HAS_B=has_b, GATE=gate)
     rms = not center and not gate
+    # the fused merges' tiles ([BLOCK_K, BLOCK_G] partial statistics, [BLOCK_K, BLOCK_G, BLOCK_CG_SUMS] gradient
+    # partials) hold at most _FUSED_TILE values, looping over the splits in blocks of BLOCK_K: the main kernels'
+    # registers stay near those of their unfused versions
+    block_k = min(next_power_of_2(cfg.splits), max(1, _FUSED_TILE // cfg.block_g))
+    block_cg_sums = min(next_power_of_2(cg), max(1, _FUSED_TILE // (block_k * cfg.block_g)))
+    fused_merge = cfg.splits > 1 and not given_stats and _fuses(cfg.splits, cg * s)
     merge = None
-    if cfg.splits > 1:
-        block_k, block_g, _ = _stage2_blocks(cfg.splits, g, 1)
-        merge_kw = dict(CG=cg, RMS=rms, BLOCK_K=block_k, BLOCK_G=block_g, num_warps=4)
-        merge = ((n, cdiv(g, block_g)), merge_kw)
-    block_k, block_g, block_cg = _stage2_blocks(cfg.splits, g, cg)
-    sums_kw = dict(CG=cg, HAS_W=has_w, BLOCK_K=block_k, BLOCK_G=block_g, BLOCK_CG=block_cg, num_warps=4)
+    if cfg.splits > 1 and not fused_merge:
+        merge_k, merge_g, _ = _stage2_blocks(cfg.splits, g, 1)
+        merge = ((n, cdiv(g, merge_g)), dict(CG=cg, RMS=rms, BLOCK_K=merge_k, BLOCK_G=merge_g, num_warps=4))
+    fused_sums = not given_stats and _fuses(cfg.splits, s)
+    group_sums = None
+    if not given_stats and not fused_sums:
+        sums_k, sums_g, sums_cg = _stage2_blocks(cfg.splits, g, cg)
+        kw = dict(CG=cg, HAS_W=has_w, BLOCK_K=sums_k, BLOCK_G=sums_g, BLOCK_CG=sums_cg, num_warps=4)
+        group_sums = ((n, cdiv(g, sums_g)), kw)
     return _Plan(
         cfg=cfg,
         grid=(n * cfg.splits, cdiv(g, cfg.block_g)),
@@ -684,10 +761,19 @@ def _cached_plan(choose_blocks, n, c, s, channels_last, g, sm, has_w, has_b, gat
         stat_stride=0 if given_stats else g,
         stats=dict(FINAL=cfg.splits == 1, RMS=rms, **tiles),
         merge=merge,
-        normalize=dict(ACT=act, **params, **tiles),
+        normalize=dict(ACT=act, FUSED_MERGE=fused_merge, RMS=rms, BLOCK_K=block_k, **params, **tiles),
         reduce=dict(ACT=act, **params, **tiles),
-        group_sums=((n, cdiv(g, block_g)), sums_kw),
-        dx=dict(CENTER=center and not gate, STATS_GRAD=not given_stats, ACT=act, **params, **tiles),
+        group_sums=group_sums,
+        dx=dict(
+            CENTER=center and not gate,
+            STATS_GRAD=not given_stats,
+            ACT=act,
+            FUSED_SUMS=fused_sums,
+            BLOCK_K=block_k,
+            BLOCK_CG_SUMS=block_cg_sums,
+            **params,
+            **tiles,
+        ),  # fmt: skip
     )
 
 
@@ -718,15 +804,19 @@ def _forward(
             mean.fill_(math.nan), var.fill_(math.nan)
         return y, mean, var
     p = _plan(f, g, x.device, weight is not None, bias is not None, v is not None, center, act, mean_in is not None)
+    part_mean, part_m2 = mean, var  # read only where the partials are merged in the normalizing kernel
     if mean_in is None:
-        if p.merge is None:
+        if p.cfg.splits == 1:
             _stats_kernel[p.grid](f.tensor, mean, var, *p.sizes, **p.stats)
         else:
-            part = torch.empty((2, f.n * p.cfg.splits, g), dtype=acc, device=x.device)
-            _stats_kernel[p.grid](f.tensor, part[0], part[1], *p.sizes, **p.stats)
-            grid, kw = p.merge
-            _merge_stats_kernel[grid](part[0], part[1], mean, var, f.s, g, p.cfg.splits, p.cfg.span, **kw)
-    _normalize_kernel[p.grid](f.tensor, y, weight, bias, v, mean, var, eps, *p.sizes, p.stat_stride, **p.normalize)
+            part_mean, part_m2 = torch.empty((2, f.n * p.cfg.splits, g), dtype=acc, device=x.device).unbind(0)
+            _stats_kernel[p.grid](f.tensor, part_mean, part_m2, *p.sizes, **p.stats)
+            if p.merge is not None:
+                grid, kw = p.merge
+                _merge_stats_kernel[grid](part_mean, part_m2, mean, var, f.s, g, p.cfg.splits, p.cfg.span, **kw)
+    _normalize_kernel[p.grid](
+        f.tensor, y, weight, bias, v, mean, var, part_mean, part_m2, eps, *p.sizes, p.stat_stride, **p.normalize
+    )  # fmt: skip
     return y, mean, var
 
 
@@ -759,14 +849,15 @@ def _backward(
     _bwd_reduce_kernel[p.grid](
         f.tensor, dy, weight, bias, v, mean, var, part, eps, *p.sizes, p.stat_stride, part.stride(0), **p.reduce
     )  # fmt: skip
-    c1, c2 = mean, var
-    if stats_grad:
+    c1, c2 = mean, var  # read only where a launch of their own sums the group terms
+    inv_count = 1.0 / (f.c // g * f.s)
+    if p.group_sums is not None:
         c1, c2 = torch.empty((2, f.n, g), dtype=acc, device=x.device).unbind(0)
         grid, kw = p.group_sums
-        count = f.c // g * f.s
-        _bwd_group_sums_kernel[grid](part, weight, c1, c2, part.stride(0), f.c, g, p.cfg.splits, 1.0 / count, **kw)
+        _bwd_group_sums_kernel[grid](part, weight, c1, c2, part.stride(0), f.c, g, p.cfg.splits, inv_count, **kw)
     _bwd_dx_kernel[p.grid](
-        f.tensor, dy, dx, weight, bias, v, mean, var, c1, c2, eps, *p.sizes, p.stat_stride, **p.dx
+        f.tensor, dy, dx, weight, bias, v, mean, var, c1, c2, part, eps, *p.sizes, p.stat_stride, part.stride(0),
+        inv_count, **p.dx,
     )  # fmt: skip
     return dx, part.sum(1)
 
