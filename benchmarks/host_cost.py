@@ -19,6 +19,7 @@ noisy machine interference only adds time. The CSV also records the kernel launc
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -114,10 +115,10 @@ def measure(quick: bool) -> list[dict]:
                 per_call = launches.count - before
                 samples = ([], [])
                 for _ in range(rounds):
-                    samples[0].extend(_best_us(lambda: call(ours), 1, calls))
+                    samples[0].extend(_best_us(functools.partial(call, ours), 1, calls))
                     if theirs is not None:
                         with kernels.use_backend("native"):
-                            samples[1].extend(_best_us(lambda: call(theirs), 1, calls))
+                            samples[1].extend(_best_us(functools.partial(call, theirs), 1, calls))
             ours_us = min(samples[0])
             torch_us = min(samples[1]) if samples[1] else None
             rows.append(
