@@ -174,7 +174,8 @@ def test_bench_resnet50_smoke_writes_steps_costs_and_targets(tmp_path):
     gn_vs_bn = next(t for t in targets if t["ratio"] == "normlab-gn eager / torch-bn eager")
     assert float(gn_vs_bn["value"]) == pytest.approx(steps["normlab-gn"] / steps["torch-bn"], rel=1e-3)
     assert gn_vs_bn["target"] == "<= 1" and gn_vs_bn["met"] in ("yes", "no")
-    compiled = next(t for t in targets if t["ratio"] == "normlab-gn compile / torch-gn compile")
+    compiled = next(t for t in targets if t["ratio"] == "normlab-gn-auto compile / torch-gn compile")
+    assert compiled["target"] == "<= 1"  # the compile target: what the default dispatch compiles to
     assert compiled["value"] == "" and compiled["met"] == ""  # not measured: no ratio, no verdict
 
 
@@ -221,9 +222,12 @@ def test_resnet50_compile_flag_and_run_order():
     assert parser.parse_args(["bench", "resnet50"]).compile is None
     assert parser.parse_args(["bench", "resnet50", "--compile"]).compile == []
     assert parser.parse_args(["bench", "resnet50", "--compile", "b64-bf16-cl"]).compile == ["b64-bf16-cl"]
-    runs = bench._resnet_runs(["torch-bn", "normlab-gn", "none", "torch-gn"], compiled=True)
+    runs = bench._resnet_runs(["torch-bn", "normlab-gn", "none", "torch-gn", "normlab-gn-auto"], compiled=True)
     assert runs[0] == ("none", "eager")
-    assert runs[4:] == [("torch-gn", "compile"), ("normlab-gn", "compile"), ("torch-bn", "compile")]
+    # torch's layers and the default dispatch (the compile target) before the kernels forced in as custom ops
+    assert runs[5:] == [
+        ("torch-gn", "compile"), ("normlab-gn-auto", "compile"), ("torch-bn", "compile"), ("normlab-gn", "compile")
+    ]  # fmt: skip
     assert parser.parse_args(["bench", "resnet50", "--graph"]).graph
     runs = bench._resnet_runs(["torch-bn", "none"], compiled=True, graph=True)
     # every graph cost needs the no-norm replay, measured before the others
@@ -256,7 +260,8 @@ def test_resnet_targets_ratios():
     assert got["normlab-gn eager / torch-bn eager"] == (pytest.approx(15 / 14), "<= 1", "no")
     assert got["normlab-gn eager / torch-gn compile"] == (pytest.approx(0.75), "<= 0.9", "yes")
     assert got["normlab-bn norm cost / torch-bn norm cost"] == (pytest.approx(0.25), "<= 0.5", "yes")
-    assert got["normlab-bn compile / torch-bn compile"] == (None, "<= 1", "")
+    assert got["normlab-bn-auto compile / torch-bn compile"] == (None, "<= 1", "")
+    assert got["normlab-bn compile / torch-bn compile"] == (None, None, "")  # forced kernels: reported, no target
     assert got["torch-gn eager / torch-bn eager"] == (None, None, "")
     rows += [row("torch-bn", "graph", 8.0, 2.0), row("normlab-bn", "graph", 7.0, 1.0)]
     got = {t["ratio"]: (t["value"], t["target"], t["met"]) for t in bench.resnet_targets(rows)}
