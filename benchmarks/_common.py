@@ -1,4 +1,5 @@
-"""Pieces shared by the benchmark scripts: the CPU's name, a timer's median, and the CSV they write."""
+"""Pieces shared by the benchmark scripts: the CPU's name and environment columns, a timer's median, and the CSV
+they write."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import csv
 import platform
 from pathlib import Path
 
+import torch
 from torch.utils.benchmark import Timer
+
+import normlab
 
 
 def cpu_name() -> str:
@@ -17,6 +21,19 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_env(threads: int) -> dict:
+    """The environment columns of a CPU benchmark's CSV (CPU, thread count, versions), printed as its first line."""
+    env = {
+        "device": cpu_name(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "normlab": normlab.__version__,
+        "python": platform.python_version(),
+    }
+    print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
+    return env
 
 
 def median_ms(timer: Timer, min_run_time: float) -> float:

@@ -13,13 +13,12 @@ The CSV records the CPU, the thread count and the versions.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from _common import cpu_name, median_ms, write_csv
+from _common import cpu_env, median_ms, write_csv
 from torch import nn
 from torch.utils.benchmark import Timer
 
@@ -111,14 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="two shapes, fewer rounds (seconds)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_layers.csv")
     args = parser.parse_args(argv)
-    env = {
-        "device": cpu_name(),
-        "threads": 1,  # torch.utils.benchmark.Timer's default: both sides run single-threaded
-        "torch": torch.__version__,
-        "normlab": normlab.__version__,
-        "python": platform.python_version(),
-    }
-    print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
+    env = cpu_env(threads=1)  # torch.utils.benchmark.Timer's default: both sides run single-threaded
     rows = run(args.quick)
     print("\n| layer | normlab / torch (geo-mean over shapes) | worst shape |\n|---|---|---|")
     for name, geo, worst in summarize(rows):

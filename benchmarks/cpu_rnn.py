@@ -14,16 +14,14 @@ of torch. The CSV records the CPU, the thread count and the versions.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
 import torch
-from _common import cpu_name, median_ms, write_csv
+from _common import cpu_env, median_ms, write_csv
 from torch import nn
 from torch.utils.benchmark import Timer
 
-import normlab
 from normlab.layers.rnn import NORMS, NormLSTM
 
 BATCH, STEPS, INPUT_SIZE, HIDDEN_SIZE = 32, 40, 128, 128
@@ -76,14 +74,7 @@ def main(argv=None) -> int:
     parser.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS), help="norm options to time")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_rnn.csv")
     args = parser.parse_args(argv)
-    env = {
-        "device": cpu_name(),
-        "threads": THREADS,
-        "torch": torch.__version__,
-        "normlab": normlab.__version__,
-        "python": platform.python_version(),
-    }
-    print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
+    env = cpu_env(threads=THREADS)
     print(
         f"one layer, batch {BATCH}, T = {STEPS}, input size {INPUT_SIZE}, hidden {HIDDEN_SIZE}, float32, "
         "forward + backward (input and parameter gradients), fastest of alternating rounds",

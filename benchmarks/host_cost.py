@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels then accept CPU tensors
 
 import torch  # noqa: E402
-from _common import cpu_name, write_csv  # noqa: E402
+from _common import cpu_env, write_csv  # noqa: E402
 from torch import nn  # noqa: E402
 
 import normlab  # noqa: E402
@@ -147,14 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "host_cost.csv")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    env = {
-        "device": cpu_name(),
-        "threads": 1,
-        "torch": torch.__version__,
-        "normlab": normlab.__version__,
-        "python": platform.python_version(),
-    }
-    print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
+    env = cpu_env(threads=1)
     rows = measure(args.quick)
     write_csv(args.out, rows, env)
     return 0
