@@ -73,6 +73,14 @@ def _pair(make, **kw):
 def test_guarded_layer_commits_and_skips_like_the_reference(triton_batch_norm, layer, momentum):
     """Step by step over finite and non-finite batches: the same outputs, running statistics and counters as the
     same layer on the reference backend (which guards around the call); a skipped batch changes nothing."""
+    ours = _run_sequence_against_the_reference(layer, momentum)
+    assert int(ours.num_batches_tracked) == 3 and int(ours.num_nonfinite_batches) == 4
+
+
+def _run_sequence_against_the_reference(layer: str, momentum, after_step=lambda ours: None):
+    """Step ``LAYERS[layer]`` over :data:`SEQUENCE` (current backend) next to the same layer on the reference backend:
+    the same outputs, running statistics and counters after every step, and a skipped batch changes nothing;
+    ``after_step(ours)`` runs after each. Returns our layer."""
     make, shape, channels_last = LAYERS[layer]
     ours, ref = _pair(make, momentum=momentum)
     with warnings.catch_warnings():
@@ -88,7 +96,8 @@ def test_guarded_layer_commits_and_skips_like_the_reference(triton_batch_norm, l
             else:
                 assert torch.equal(ours.running_mean, before[0]) and torch.equal(ours.running_var, before[1])
             _assert_same_state(ours, ref)
-    assert int(ours.num_batches_tracked) == 3 and int(ours.num_nonfinite_batches) == 4
+            after_step(ours)
+    return ours
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -246,6 +255,12 @@ def test_cuda_guarded_step_launches_only_the_three_kernels():
             torch.cuda.synchronize()
     launched = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
     assert len(launched) == 3 and any("_normalize_kernel" in name for name in launched), launched
+    _assert_two_steps_then_a_skipped_nan_batch(ours, ref, x, "triton")
+
+
+def _assert_two_steps_then_a_skipped_nan_batch(ours, ref, x, backend: str) -> None:
+    """After two guarded steps of ``ours`` on ``backend`` at ``x``: the reference's state after the same two; then a
+    batch with a NaN changes no statistic and is counted."""
     with kernels.use_backend("reference"):
         ref(x)
         ref(x)
@@ -253,7 +268,7 @@ def test_cuda_guarded_step_launches_only_the_three_kernels():
     bad = x.clone()
     bad[0, 3, 0, 0] = float("nan")
     before = _state(ours)
-    with kernels.use_backend("triton"), warnings.catch_warnings():
+    with kernels.use_backend(backend), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         ours(bad)
     assert torch.equal(ours.running_mean, before[0]) and torch.equal(ours.running_var, before[1])
@@ -348,22 +363,11 @@ def staged_commit(monkeypatch):
 def test_staged_guard_commits_and_skips_like_the_reference(staged_commit, layer, momentum):
     """Step by step over finite and non-finite batches: the same outputs, running statistics and counters as the
     reference backend's guard (copies and torch ops), through one commit call per step and no cloned buffers."""
-    make, shape, channels_last = LAYERS[layer]
-    ours, ref = _pair(make, momentum=momentum)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for step, kind in enumerate(SEQUENCE):
-            x = _batch(shape, kind, step, channels_last)
-            before = _state(ours)
-            y = ours(x)
-            with kernels.use_backend("reference"):
-                expected = ref(x)
-            if kind == "finite":
-                assert_close(y, expected)
-            else:
-                assert torch.equal(ours.running_mean, before[0]) and torch.equal(ours.running_var, before[1])
-            _assert_same_state(ours, ref)
-            assert not any(t.any() for t in ours._staged)  # zeroed for the next step
+
+    def zeroed(ours):
+        assert not any(t.any() for t in ours._staged)  # ready for the next step
+
+    ours = _run_sequence_against_the_reference(layer, momentum, after_step=zeroed)
     assert len(staged_commit) == len(SEQUENCE)
     assert int(ours.num_batches_tracked) == 3 and int(ours.num_nonfinite_batches) == 4
 
@@ -483,15 +487,4 @@ def test_cuda_staged_guard_adds_one_launch_to_torchs_batch_norm():
         assert ours._stages_batch_stats(None)
         ours_launches, their_launches = launches(ours), launches(theirs)
     assert len(ours_launches) == len(their_launches) + 1, (ours_launches, their_launches)
-    with kernels.use_backend("reference"):
-        ref(x)
-        ref(x)
-    _assert_same_state(ours, ref)
-    bad = x.clone()
-    bad[0, 3, 0, 0] = float("nan")
-    before = _state(ours)
-    with kernels.use_backend("native"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        ours(bad)
-    assert torch.equal(ours.running_mean, before[0]) and torch.equal(ours.running_var, before[1])
-    assert int(ours.num_nonfinite_batches) == 1
+    _assert_two_steps_then_a_skipped_nan_batch(ours, ref, x, "native")
