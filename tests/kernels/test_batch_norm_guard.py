@@ -467,7 +467,9 @@ def test_commit_batch_stats_bad_input():
 @pytest.mark.gpu
 def test_cuda_staged_guard_adds_one_launch_to_torchs_batch_norm():
     """On a GPU, a guarded training step of normlab's BatchNorm2d running torch's batch norm launches what torch's
-    layer launches plus the commit, and still skips and counts a NaN batch."""
+    batch norm launches plus the commit (which also counts the batch: torch's layer launches an add for that), and
+    still skips and counts a NaN batch."""
+    import torch.nn.functional as F
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -475,16 +477,20 @@ def test_cuda_staged_guard_adds_one_launch_to_torchs_batch_norm():
     theirs = torch.nn.BatchNorm2d(256, device="cuda")
     x = torch.randn(8, 256, 14, 14, device="cuda").to(memory_format=torch.channels_last)
 
-    def launches(layer):
-        layer(x)  # warm-up
+    def launches(step):
+        step()  # warm-up
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            layer(x)
+            step()
             torch.cuda.synchronize()
         return [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
 
+    def torch_batch_norm():
+        F.batch_norm(x, theirs.running_mean, theirs.running_var, theirs.weight, theirs.bias, training=True)
+
     with kernels.use_backend("native"):
         assert ours._stages_batch_stats(None)
-        ours_launches, their_launches = launches(ours), launches(theirs)
+        ours_launches, their_launches = launches(lambda: ours(x)), launches(torch_batch_norm)
     assert len(ours_launches) == len(their_launches) + 1, (ours_launches, their_launches)
+    assert any("_commit_batch_stats_kernel" in name for name in ours_launches), ours_launches
     _assert_two_steps_then_a_skipped_nan_batch(ours, ref, x, "native")
