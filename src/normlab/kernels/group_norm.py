@@ -532,7 +532,10 @@ def _bwd_reduce_kernel(
             sum_b += dz
             if GATE:
                 sum_v += dz * x * x * sig * (1.0 - sig)
-        out = part_ptr + row * C + chan
+        # partials are stored channel-major, (parts, C, N * splits): torch's sum over their last, contiguous dim (the
+        # parameter gradients) is then several times faster than over a middle dim (21 us, 8% of GroupNorm's GPU
+        # time at (32, 256, 56, 56) on an H100, where (parts, N * splits, C) had few threads per output)
+        out = part_ptr + chan * (part_stride // C) + row
         tl.store(out, tl.sum(sum_a, 0), mask=c_ok)
         tl.store(out + part_stride, tl.sum(sum_b, 0), mask=c_ok)
         if GATE:
@@ -544,7 +547,9 @@ def _group_grad_sums(part_ptr, w_ptr, part_stride, n, groups, g_ok, C, splits, i
                      HAS_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
                      acc: tl.constexpr):  # fmt: skip
     """(c1, c2) [BLOCK_G] = (E_g[dz w], E_g[dz w xhat]) of sample n's ``groups`` from the per-channel partials of
-    every split (rows n * splits + k of ``part``: dz xhat, then dz at ``part_stride``)."""
+    every split (``part`` (parts, C, N * splits): dz xhat, then dz at ``part_stride``; sample n's splits are
+    contiguous in a channel's row, the tile's innermost axis)."""
+    rows = part_stride // C
     sum_a = tl.zeros([BLOCK_G], acc)
     sum_b = tl.zeros([BLOCK_G], acc)
     for c0 in range(0, CG, BLOCK_CG):
@@ -553,10 +558,10 @@ def _group_grad_sums(part_ptr, w_ptr, part_stride, n, groups, g_ok, C, splits, i
         total_b = tl.zeros([BLOCK_G, BLOCK_CG], acc)
         for k0 in range(0, splits, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            mask = (ks < splits)[:, None, None] & c_ok[None, :, :]
-            idx = (n * splits + ks)[:, None, None] * C + chan[None, :, :]
-            total_a += tl.sum(tl.load(part_ptr + idx, mask=mask, other=0.0), 0)
-            total_b += tl.sum(tl.load(part_ptr + part_stride + idx, mask=mask, other=0.0), 0)
+            mask = c_ok[:, :, None] & (ks < splits)[None, None, :]
+            idx = chan[:, :, None] * rows + (n * splits + ks)[None, None, :]
+            total_a += tl.sum(tl.load(part_ptr + idx, mask=mask, other=0.0), 2)
+            total_b += tl.sum(tl.load(part_ptr + part_stride + idx, mask=mask, other=0.0), 2)
         w = _channel_param(w_ptr, chan, c_ok, HAS_W, 1.0, acc)
         sum_a += tl.sum(total_a * w, 1)
         sum_b += tl.sum(total_b * w, 1)
@@ -845,7 +850,7 @@ def _backward(
     if x.numel() == 0:
         return dx, torch.zeros((parts, f.c), dtype=acc, device=x.device)
     p = _plan(f, g, x.device, weight is not None, bias is not None, v is not None, center, act, not stats_grad)
-    part = torch.empty((parts, f.n * p.cfg.splits, f.c), dtype=acc, device=x.device)
+    part = torch.empty((parts, f.c, f.n * p.cfg.splits), dtype=acc, device=x.device)  # channel-major
     _bwd_reduce_kernel[p.grid](
         f.tensor, dy, weight, bias, v, mean, var, part, eps, *p.sizes, p.stat_stride, part.stride(0), **p.reduce
     )  # fmt: skip
@@ -859,7 +864,7 @@ def _backward(
         f.tensor, dy, dx, weight, bias, v, mean, var, c1, c2, part, eps, *p.sizes, p.stat_stride, part.stride(0),
         inv_count, **p.dx,
     )  # fmt: skip
-    return dx, part.sum(1)
+    return dx, part.sum(2)
 
 
 # ---- custom ops ---------------------------------------------------------------------------------------------------
