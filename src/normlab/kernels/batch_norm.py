@@ -374,7 +374,7 @@ def _grad_sums_cl_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, C_DIV: tl.constexpr,
 ):  # fmt: skip
     """Partial sums of dz and dz * xhat of channels [BLOCK_C] over a block of rows of a (P, C) input, stored at
-    psum[0, g, c] and psum[1, g, c]."""
+    psum[0, c, g] and psum[1, c, g] (channel-major)."""
     C = with_factor(C, C_DIV)  # rows of C channels: their alignment, for vector loads
     g = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -396,8 +396,8 @@ def _grad_sums_cl_kernel(
         dz = tl.where(mask, dz, 0.0)
         sum_dz += tl.sum(dz, 0)
         sum_dz_xhat += tl.sum(dz * xhat, 0)
-    tl.store(psum_ptr + g * C + cols, sum_dz, mask=cmask)
-    tl.store(psum_ptr + (G + g) * C + cols, sum_dz_xhat, mask=cmask)
+    tl.store(psum_ptr + cols * G + g, sum_dz, mask=cmask)
+    tl.store(psum_ptr + (C + cols) * G + g, sum_dz_xhat, mask=cmask)
 
 
 @triton.jit
@@ -433,8 +433,8 @@ def _grad_sums_nchw_kernel(
             dz = tl.where(mask, dz, 0.0)
             sum_dz += tl.sum(dz, 0)
             sum_dz_xhat += tl.sum(dz * xhat, 0)
-    tl.store(psum_ptr + g * C + c, tl.sum(sum_dz, 0))
-    tl.store(psum_ptr + (G + g) * C + c, tl.sum(sum_dz_xhat, 0))
+    tl.store(psum_ptr + c * G + g, tl.sum(sum_dz, 0))
+    tl.store(psum_ptr + (C + c) * G + g, tl.sum(sum_dz_xhat, 0))
 
 
 @triton.jit
@@ -650,13 +650,15 @@ def _launch_grad_sums(dy, f: Flat, mean, inv, weight, bias, eps: float, act: int
         groups = grid[1]
         args = (f.n, f.c, f.s, groups, meta.pop("N_PER_PROG"), meta.pop("S_PER_PROG"), meta.pop("GROUPS_S"))
         kernel = _grad_sums_nchw_kernel
-    psum = torch.empty((2, groups, f.c), dtype=acc, device=x.device)
+    # channel-major, (2, C, groups): torch sums along contiguous memory (over a middle dim, (2, groups, C), its
+    # reduction runs few threads per output: 4.9 us per forward+backward at (32, 256, 56, 56) on an H100, run 2)
+    psum = torch.empty((2, f.c, groups), dtype=acc, device=x.device)
     kernel[grid](
         dy, x, mean, inv, _channel_tensor(weight, mean), _channel_tensor(bias, mean), psum, *args, eps,
         INV_IS_VAR=not batch_stats, HAS_W=weight is not None, HAS_B=bias is not None, ACT=act,
         ACC=_tl_acc(x.dtype), **meta,
     )  # fmt: skip
-    return psum.sum(1)
+    return psum.sum(2)
 
 
 @on_input_device
