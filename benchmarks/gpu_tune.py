@@ -77,6 +77,7 @@ CANDIDATES = {
         {"_MAX_BLOCK_S": 2048},
         {"_TARGET_PROGRAMS": 2 * 132},
         {"_TARGET_PROGRAMS": 8 * 132},
+        {"_MERGE_PROGRAMS": 1},  # the statistics' merge in 64-channel blocks (as measured in run 2), not about 32
     ],
     "channel_norm": [{}, {"_TILE": 2048}, {"_TILE": 8192}, {"_PROGRAMS_PER_SM": 2}, {"_PROGRAMS_PER_SM": 8}],
     "frn": [{}, {"_TILE": 2048}, {"_TILE": 8192}, {"_PROGRAMS_PER_SM": 2}, {"_PROGRAMS_PER_SM": 8}],
