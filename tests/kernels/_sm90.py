@@ -1,10 +1,10 @@
 """Compile a kernel module's Triton kernels for an H100 (sm_90) without a GPU, as its launchers would launch them.
 
 ``python -m tests.kernels._sm90 <module> [--table]`` (``<module>`` a key of :data:`CASES`; or ``--odd-shapes
-[--quick]``, every op at :data:`ODD_SHAPES`) runs in a process WITHOUT
-``TRITON_INTERPRET`` (the interpreter accepts code that Triton's compiler rejects). The process pretends to be an
-H100 to Triton (an offline driver whose target is sm_90, and 132 SMs for the launchers that ask) and turns every
-kernel launch into a compile-only warmup. It then calls the module's public ops forward and backward on
+[--quick]``, every op at :data:`ODD_SHAPES`; or ``--resnet50``, what ``normlab bench resnet50`` launches) runs in a
+process WITHOUT ``TRITON_INTERPRET`` (the interpreter accepts code that Triton's compiler rejects). The process
+pretends to be an H100 to Triton (an offline driver whose target is sm_90, and 132 SMs for the launchers that ask)
+and turns every kernel launch into a compile-only warmup. It then calls the module's public ops forward and backward on
 uninitialized CPU tensors at ResNet-50 and transformer shapes, so the modules' own launch-configuration functions
 pick the block sizes, flags and warps that a GPU would get, and Triton's JIT compiles each launch.
 
@@ -343,6 +343,30 @@ def _odd_shapes(shapes=ODD_SHAPES) -> None:
                 _fwd_bwd(frn.filter_response_norm, x, _vec(c), _vec(c), _vec(c))
 
 
+RESNET50_LAYERS = [
+    (64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28), (512, 28, 28), (256, 28, 28),
+    (256, 14, 14), (1024, 14, 14), (512, 14, 14), (512, 7, 7), (2048, 7, 7),
+]  # fmt: skip
+"""(C, H, W) of every normalization in ResNet-50 (torchvision's v1.5 layout: the stride on the 3 x 3 convolutions)."""
+
+
+def _resnet50() -> None:
+    """What ``normlab bench resnet50`` launches: BatchNorm (with its fused NaN guard) and GroupNorm(32), each with the
+    fused ReLU of ``BatchNormAct2d`` / ``GroupNormAct``, at every ResNet-50 layer of its two configurations (batch 64
+    bfloat16 channels-last, batch 32 float32 NCHW), forward and backward."""
+    import torch
+
+    from normlab.kernels import batch_norm, group_norm
+
+    for n, dtype, cl in ((64, torch.bfloat16, True), (32, torch.float32, False)):
+        for c, h, w in RESNET50_LAYERS:
+            x = _x((n, c, h, w), dtype, cl)
+            running = _vec(c, grad=False), _vec(c, grad=False)
+            counters = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
+            _fwd_bwd(batch_norm.batch_norm, x, *running, _vec(c), _vec(c), True, act="relu", nan_guard=counters)
+            _fwd_bwd(group_norm.group_norm, x, 32, _vec(c), _vec(c), act="relu")
+
+
 CASES = {"group_norm": _group_norm, "channel_norm": _channel_norm, "frn": _frn, "batch_norm": _batch_norm}
 """Per kernel module (``normlab.kernels.<name>``): the calls whose launches are compiled."""
 
@@ -400,6 +424,9 @@ def main(argv: list[str]) -> int:
     _triton_utils.INTERPRET = True  # let the public functions take CPU tensors: nothing runs, the recorder compiles
     if argv[0] == "--odd-shapes":  # [--quick]: the first odd shape only
         _odd_shapes(ODD_SHAPES[:1] if "--quick" in argv else ODD_SHAPES)
+        kernels = []
+    elif argv[0] == "--resnet50":
+        _resnet50()
         kernels = []
     else:
         kernels = kernel_names(CASES[argv[0]]())

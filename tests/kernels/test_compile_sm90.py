@@ -151,12 +151,19 @@ def test_rows_load_the_widest_vectors_their_alignment_allows(report, module, hin
         assert "v4.b32" in v["loop_loads"], f"{_label(v)}: loads {v['loop_loads']} in its loops"
 
 
-def test_an_odd_shape_compiles_without_spills():
+@pytest.mark.parametrize(
+    "mode",
+    [("--odd-shapes", "--quick"), ("--resnet50",)],
+    ids=["an-odd-shape", "resnet50-benchmark"],
+)
+def test_sweep_compiles_without_spills(mode):
     """``--odd-shapes --quick``: every op at a detection feature map, (2, 256, 25, 38) in both layouts, bfloat16 and
-    float32, compiles for sm_90 without spilling. (The full sweep, all of ``_sm90.ODD_SHAPES``, takes minutes.)"""
+    float32 (the full sweep, all of ``_sm90.ODD_SHAPES``, takes minutes); ``--resnet50``: the BatchNorm and GroupNorm
+    kernels the ResNet-50 benchmark launches, at every layer of both its configurations. Each compiles for sm_90
+    without spilling."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    argv = [sys.executable, "-m", "tests.kernels._sm90", "--odd-shapes", "--quick"]
+    argv = [sys.executable, "-m", "tests.kernels._sm90", *mode]
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode == _sm90.NO_BACKEND:
         pytest.skip(done.stderr.strip())

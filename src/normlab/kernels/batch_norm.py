@@ -435,8 +435,8 @@ def _grad_sums_nchw_kernel(
             dz = tl.where(mask, dz, 0.0)
             sum_dz += tl.sum(dz, 0)
             sum_dz_xhat += tl.sum(dz * xhat, 0)
-    tl.store(psum_ptr + c * G + g, tl.sum(sum_dz, 0))
-    tl.store(psum_ptr + (C + c) * G + g, tl.sum(sum_dz_xhat, 0))
+    tl.store(psum_ptr + g * C + c, tl.sum(sum_dz, 0))
+    tl.store(psum_ptr + (G + g) * C + c, tl.sum(sum_dz_xhat, 0))
 
 
 @triton.jit
@@ -655,15 +655,18 @@ def _launch_grad_sums(dy, f: Flat, mean, inv, weight, bias, eps: float, act: int
         groups = grid[1]
         args = (f.n, f.c, f.s, groups, meta.pop("N_PER_PROG"), meta.pop("S_PER_PROG"), meta.pop("GROUPS_S"))
         kernel = _grad_sums_nchw_kernel
-    # channel-major, (2, C, groups): torch sums along contiguous memory (over a middle dim, (2, groups, C), its
-    # reduction runs few threads per output: 4.9 us per forward+backward at (32, 256, 56, 56) on an H100, run 2)
-    psum = torch.empty((2, f.c, groups), dtype=acc, device=x.device)
+    # channels-last: channel-major, (2, C, groups), so that torch sums the groups along contiguous memory (over a
+    # middle dim, (2, groups, C), its reduction runs few threads per output: 4.9 us per forward+backward at (32, 256,
+    # 56, 56) on an H100, run 2). NCHW grids have a program per channel and only a few groups: (2, groups, C) there
+    # (channel-major stores made its float32 kernel spill under Triton 3.6)
+    shape = (2, f.c, groups) if f.stride_c == 1 else (2, groups, f.c)
+    psum = torch.empty(shape, dtype=acc, device=x.device)
     kernel[grid](
         dy, x, mean, inv, _channel_tensor(weight, mean), _channel_tensor(bias, mean), psum, *args, eps,
         INV_IS_VAR=not batch_stats, HAS_W=weight is not None, HAS_B=bias is not None, ACT=act,
         ACC=_tl_acc(x.dtype), **meta,
     )  # fmt: skip
-    return psum.sum(2)
+    return psum.sum(2 if f.stride_c == 1 else 1)
 
 
 @on_input_device
