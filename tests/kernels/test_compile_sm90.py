@@ -41,7 +41,8 @@ def report(request):
     selected = [
         item.callspec.params["module"]
         for item in request.session.items
-        if getattr(item, "module", None) is request.module and hasattr(item, "callspec")  # doctests have neither
+        if getattr(item, "module", None) is request.module  # doctests have neither module nor callspec
+        and "module" in getattr(getattr(item, "callspec", None), "params", {})
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's current default, without its warning
