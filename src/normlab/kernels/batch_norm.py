@@ -269,18 +269,30 @@ def _commit_if_finite(
     """The NaN guard's commit, run by one program: if every channel's new running variance is finite, copy new_mean
     and new_var into the running buffers and add 1 to num_batches_tracked; otherwise leave the buffers as they are
     and add 1 to num_nonfinite_batches."""
-    finite = tl.full([BLOCK], 1, tl.int32)
-    for c0 in range(0, C, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        var = tl.load(new_var_ptr + cols, mask=cols < C, other=0.0)
-        finite = finite & (tl.abs(var) < float("inf")).to(tl.int32)  # false for NaN and +-Inf
-    ok = tl.min(finite, 0)
+    ok = _all_finite(new_var_ptr, C, BLOCK)
     for c0 in range(0, C, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         mask = cols < C * ok  # nothing when ok == 0
         tl.store(rmean_ptr + cols, tl.load(new_mean_ptr + cols, mask=mask), mask=mask)
         tl.store(rvar_ptr + cols, tl.load(new_var_ptr + cols, mask=mask), mask=mask)
-    tl.store(tracked_ptr, tl.load(tracked_ptr) + ok.to(tl.int64))
+    _count_batch(tracked_ptr, nonfinite_ptr, tl.load(tracked_ptr), ok)
+
+
+@triton.jit
+def _all_finite(var_ptr, C, BLOCK: tl.constexpr):
+    """1 if every one of the C values at ``var_ptr`` is finite, else 0 (NaN, +-Inf), looping in blocks of BLOCK."""
+    finite = tl.full([BLOCK], 1, tl.int32)
+    for c0 in range(0, C, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        var = tl.load(var_ptr + cols, mask=cols < C, other=0.0)
+        finite = finite & (tl.abs(var) < float("inf")).to(tl.int32)  # false for NaN and +-Inf
+    return tl.min(finite, 0)
+
+
+@triton.jit
+def _count_batch(tracked_ptr, nonfinite_ptr, tracked, ok):
+    """Count the batch: num_batches_tracked (``tracked`` before it) + 1 if ``ok``, else num_nonfinite_batches + 1."""
+    tl.store(tracked_ptr, tracked + ok.to(tl.int64))
     tl.store(nonfinite_ptr, tl.load(nonfinite_ptr) + (1 - ok).to(tl.int64))
 
 
@@ -312,12 +324,7 @@ def _commit_batch_stats_kernel(
     finite, ``running += momentum * (batch - running)`` (momentum = momentum_hi + momentum_lo; CUMULATIVE:
     1 / (tracked + 1), read here) and num_batches_tracked + 1; otherwise the running statistics stay and
     num_nonfinite_batches + 1. The batch statistics are then set to zero either way, ready for the next step."""
-    finite = tl.full([BLOCK], 1, tl.int32)
-    for c0 in range(0, C, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        var = tl.load(bvar_ptr + cols, mask=cols < C, other=0.0)
-        finite = finite & (tl.abs(var) < float("inf")).to(tl.int32)  # false for NaN and +-Inf
-    ok = tl.min(finite, 0)
+    ok = _all_finite(bvar_ptr, C, BLOCK)
     tracked = tl.load(tracked_ptr)
     m_hi, m_lo = momentum_hi, momentum_lo
     if CUMULATIVE:
@@ -328,8 +335,7 @@ def _commit_batch_stats_kernel(
         commit = cols < C * ok  # nothing when ok == 0
         _blend_and_clear(bmean_ptr, rmean_ptr, cols, commit, cmask, m_hi, m_lo, ACC, BLOCK)
         _blend_and_clear(bvar_ptr, rvar_ptr, cols, commit, cmask, m_hi, m_lo, ACC, BLOCK)
-    tl.store(tracked_ptr, tracked + ok.to(tl.int64))
-    tl.store(nonfinite_ptr, tl.load(nonfinite_ptr) + (1 - ok).to(tl.int64))
+    _count_batch(tracked_ptr, nonfinite_ptr, tracked, ok)
 
 
 @triton.jit
