@@ -193,9 +193,6 @@ def sm_count(device: torch.device, without_cuda: int) -> int:
 def grads_as_params(sums: torch.Tensor, params) -> list[torch.Tensor | None]:
     """Row i of ``sums`` (P, C) as the gradient of ``params[i]`` in that parameter's dtype (None where the parameter
     is None), converting all rows with one launch where the parameters share a dtype."""
-    dtype = sums.dtype
-    if all(p is None or p.dtype == dtype for p in params):  # the usual case (float32 parameters): no conversion
-        return [None if p is None else sums[i] for i, p in enumerate(params)]
     dtypes = {p.dtype for p in params if p is not None}
     if len(dtypes) == 1:
         dtype = dtypes.pop()
