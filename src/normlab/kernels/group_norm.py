@@ -32,20 +32,22 @@ Channels-last groups of 2 or 4 channels (GroupNorm(32) over 64 or 128 channels) 
 Triton vectorizes memory accesses along a tile's innermost axis only, and along an axis of 2 channels the accesses
 were 4-byte scalars (compiled for sm_90: 16-byte vectors with ROWS, no shared-memory round-trip in the loops).
 
-Forward (3 launches, 2 when one split covers all positions):
+Forward (3 launches; 2 when one split covers all positions, or when few splits let the normalizing kernel merge
+them, ``_FUSE_SPLITS``):
   1. ``_stats_kernel``: per-lane Welford over the program's positions (no reduction inside the loop), merged per
      group with Chan's formula into (mean, M2) partials in an fp32 workspace (2, N * splits, G);
   2. ``_merge_stats_kernel``: Chan's formula over the splits -> mean, var (N, G);
-  3. ``_normalize_kernel``: y = act(z).
+  3. ``_normalize_kernel``: y = act(z) (with FUSED_MERGE it does step 2 itself first).
   Traffic: x read twice, y written once; the workspace is N * splits * G * 8 bytes.
 
-Backward (3 launches plus one torch.sum):
+Backward (3 launches plus one torch.sum; 2 when few splits let the dx kernel do step 2):
   1. ``_bwd_reduce_kernel``: per-channel partial sums over the program's positions of dz * xhat and dz (and the
-     EvoNorm v term), dz the gradient of z (the activation's gradient recomputed from x), in (parts, N * splits, C);
+     EvoNorm v term), dz the gradient of z (the activation's gradient recomputed from x), in (parts, C, N * splits);
   2. ``_bwd_group_sums_kernel``: per (n, g) means c1 = E_g[dz w] and c2 = E_g[dz w xhat] from those partials;
-     weight / bias / v gradients are one deterministic torch.sum of the same partials over (n, split);
+     weight / bias / v gradients are one deterministic torch.sum of the same partials over (n, split), along their
+     contiguous last dimension;
   3. ``_bwd_dx_kernel``: dx = rstd (dz w h' - c1 - (x - mean) rstd c2) (h' the gate's derivative, 1 without it;
-     c1 only where the mean is subtracted).
+     c1 only where the mean is subtracted; with FUSED_SUMS it does step 2 itself first).
   Traffic: x and dy read twice, dx written once. Only (mean, var) per (n, g) are saved for the backward.
 
 Statistics accumulate in float32 (float64 for float64 input); the output has x's dtype and layout. The ops are
