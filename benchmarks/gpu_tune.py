@@ -189,11 +189,11 @@ def _passes(module, x, dy, backend):
 
 
 def _profile(device) -> None:
-    """Per-kernel CUDA time of one forward+backward at the first three cases (committed constants), normlab and
-    torch: which launch costs what."""
+    """Per-kernel CUDA time of one forward+backward at the issue's shape for GroupNorm, InstanceNorm, BatchNorm,
+    LayerNorm2d and FRN (committed constants), normlab and torch: which launch costs what."""
     from torch.profiler import ProfilerActivity, profile
 
-    for case in CASES[:3]:
+    for case in CASES[:3] + CASES[9:11]:  # GN, IN, BN, LayerNorm2d, FRN at the issue's shape
         x, dy, ours, theirs = _build(case, device)
         for name, module, backend in (("normlab", ours, "triton"), ("torch", theirs, "reference")):
             fn = _passes(module, x, dy, backend)["fwd+bwd"]
@@ -257,6 +257,49 @@ def _host_costs(device) -> None:
             f"  {op:5} fwd: normlab {times[0]:6.1f}  torch {times[2]:6.1f}    "
             f"fwd+bwd: normlab {times[1]:6.1f}  torch {times[3]:6.1f}"
         )
+    _host_breakdown(device, host_us, _touch, args)
+
+
+def _host_breakdown(device, host_us, touch, args) -> None:
+    """Where normlab's host time goes (a help for the launcher work, not a result): the backward run on the calling
+    thread instead of autograd's device thread, a Python profile of GroupNorm's forward+backward, and one launch
+    through the compiled kernel's launcher without Triton's argument binding."""
+    import cProfile
+    import io
+    import pstats
+
+    x, dy, ours, theirs = _build(("gn", (2, 64, 8, 8), torch.bfloat16, "channels_last"), device)
+    fns = {
+        "normlab": _passes(ours, x, dy, "triton")["fwd+bwd"],
+        "torch": _passes(theirs, x, dy, "reference")["fwd+bwd"],
+    }
+    with torch.autograd.set_multithreading_enabled(False):
+        print(
+            "  gn    fwd+bwd, backward on the calling thread: "
+            + "  ".join(f"{k} {host_us(f):6.1f}" for k, f in fns.items())
+        )
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            fns["normlab"]()
+        prof.disable()
+        torch.cuda.synchronize()
+    for order in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats(order).print_stats(30)
+        print(f"\n== Python profile, normlab gn fwd+bwd x 200 (backward on the calling thread), by {order}")
+        print("\n".join(line for line in text.getvalue().splitlines() if line.strip()))
+    try:  # Triton 3.3-3.6's launcher signature; other versions: reported, not needed
+        kernel = touch[(1,)](*args, BLOCK=1024)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        meta = (kernel.function, kernel.packed_metadata, None, None, None)
+
+        def direct():  # every argument, constexprs included, as JITFunction.run passes them
+            kernel.run(1, 1, 1, stream, *meta, *args, 1024)
+
+        print(f"  one launch through the compiled kernel's launcher (no binding): {host_us(direct):.1f}")
+    except Exception as err:
+        print(f"  direct launch failed: {type(err).__name__}: {err}")
 
 
 def main(argv=None) -> int:
