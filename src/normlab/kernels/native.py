@@ -68,7 +68,10 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def _laid_out_like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``y`` in the memory format of ``x`` (a no-op when it already is)."""
+    """``y`` in the memory format of ``x`` (a no-op when it already is); under torch.compile ``y`` as it is, so that
+    the compiled graph is the one torch's own layer gives (the compiler then chooses the layout)."""
+    if torch.compiler.is_compiling():
+        return y
     return y.contiguous(memory_format=_memory_format(x))
 
 
@@ -79,17 +82,20 @@ def group_norm(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """torch.nn.functional.group_norm of a contiguous copy, returned in the input's memory format.
+    """torch.nn.functional.group_norm, returned in the input's memory format; on the CPU, of a contiguous copy.
 
     torch's channels-last CPU kernel takes the variance as ``E[x^2] - E[x]^2``, which cancels at a large offset
     (float32 input with mean 1e4 and std 1 comes out with std ~300); its contiguous kernel is stable. Its
     channels-last CPU backward also crashes the process (segmentation fault, torch 2.13) when the input does not
-    require grad and the affine does; the copy avoids that too. A bias without a weight takes the reference: torch
+    require grad and the affine does; the copy avoids that too. Other devices (torch's CUDA kernel makes its own
+    contiguous copy) and torch.compile (which decomposes the op, and where the copies are passes of their own that
+    torch's layer does not make) take the input as it is. A bias without a weight takes the reference: torch
     2.13's group_norm backward fails there ("tensor does not have a device").
     """
     if weight is None and bias is not None:
         return reference.group_norm(x, num_groups, weight, bias, eps)
-    return _laid_out_like(F.group_norm(x.contiguous(), num_groups, weight, bias, eps), x)
+    on_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    return _laid_out_like(F.group_norm(x.contiguous() if on_cpu else x, num_groups, weight, bias, eps), x)
 
 
 def instance_norm(
