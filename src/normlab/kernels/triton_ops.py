@@ -32,6 +32,7 @@ __all__ = [
     "FUSES_NAN_GUARD",
     "SLOWER_THAN_TORCH",
     "SLOWER_THAN_TORCH_EAGER",
+    "EAGER_GPU_SAVING_MS",
     "prefers_torch",
     "batch_norm",
     "frozen_batch_norm",
@@ -76,18 +77,17 @@ def _channels_last_2d(x: torch.Tensor) -> bool:
 
 
 SLOWER_THAN_TORCH: dict[str, Callable[[torch.Tensor], bool]] = {  # GPU time
-    # transformer rows (N, C): torch's fused LayerNorm / RMSNorm took 0.36-0.50x normlab's GPU time at (16384, 1024)
-    # on the group-statistics kernels; rows now run the channel-norm kernels, not yet measured on a GPU
-    "layer_norm": lambda x: _tiny(x) or x.dim() == 2,
-    "rms_norm": lambda x: _tiny(x) or x.dim() == 2,
-    # channels-last GroupNorm over few channels per group (GroupNorm(32) of 64 channels at (32, 64, 112, 112)): 0.86x
-    # torch's speed in bf16, 0.94x in fp32
-    "group_norm": lambda x: _tiny(x) or (_channels_last_2d(x) and x.shape[1] <= 64),
-    # float32 BatchNorm at small batch, (2, 256, 56, 56): 0.68x torch's speed NCHW, 0.90x channels-last; and
-    # channels-last float32 at (32, 64, 112, 112): 0.93x (1.03x at (32, 256, 56, 56))
-    "batch_norm": lambda x: _tiny(x) or (x.dtype == torch.float32 and (not _big(x) or _channels_last_2d(x))),
-    # InstanceNorm: channels-last half precision at batch 2, (2, 256, 56, 56) bf16: 0.87x; NCHW float32 over 64
-    # channels, (32, 64, 112, 112): 0.91x (1.15x at 256 channels)
+    # transformer rows (N, C) run the channel-norm kernels: 1.22x / 1.14x torch's fused LayerNorm / RMSNorm in
+    # bf16 at (16384, 1024), 1.59x / 1.40x in fp32; channels-last GroupNorm over 2 channels per group (GroupNorm(32)
+    # of 64 channels) with rows of contiguous channels: 4.2x bf16, 2.5x fp32 at (32, 64, 112, 112)
+    "layer_norm": _tiny,
+    "rms_norm": _tiny,
+    "group_norm": _tiny,
+    # float32 BatchNorm below 4M elements: 0.67x torch's speed at (2, 256, 56, 56) NCHW (1.03x channels-last);
+    # at (32, 64, 112, 112) channels-last 0.98x and at (32, 256, 56, 56) 1.05x, so larger inputs keep the kernel
+    "batch_norm": lambda x: _tiny(x) or (x.dtype == torch.float32 and not _big(x)),
+    # InstanceNorm: channels-last half precision at batch 2, (2, 256, 56, 56) bf16: 0.89x; NCHW float32 over 64
+    # channels, (32, 64, 112, 112): 0.92x (1.17x at 256 channels)
     "instance_norm": lambda x: (
         _tiny(x)
         or (_channels_last_2d(x) and x.shape[0] <= 2 and x.dtype in (torch.bfloat16, torch.float16))
@@ -98,9 +98,9 @@ SLOWER_THAN_TORCH: dict[str, Callable[[torch.Tensor], bool]] = {  # GPU time
 }
 """op -> predicate on the input: where it is true, ``auto`` dispatch runs torch's op (normlab's native backend)
 instead of the kernel, because the kernel measured slower there: ``normlab bench kernels`` on an H100 (forward +
-backward, CUDA-graph replays, so that the kernels' GPU time is compared and not the host's; see the README's GPU
-table), and tiny inputs (:data:`_TINY`). ``backend="triton"`` always runs the kernel. FRN and EvoNorm-S0 have no
-torch counterpart: their kernels always run."""
+backward, CUDA-graph replays, so that the kernels' GPU time is compared and not the host's; run 4 in
+benchmarks/results, the README's GPU table), and tiny inputs (:data:`_TINY`). ``backend="triton"`` always runs the
+kernel. FRN and EvoNorm-S0 have no torch counterpart: their kernels always run."""
 
 
 def _nchw_2d(x: torch.Tensor) -> bool:
@@ -108,32 +108,49 @@ def _nchw_2d(x: torch.Tensor) -> bool:
 
 
 def _eager_group_stats(x: torch.Tensor) -> bool:
-    return not (_big(x) and x.dtype == torch.float32 and _channels_last_2d(x))
+    return not (_big(x) and _channels_last_2d(x))
 
 
 def _eager_channel_stats(x: torch.Tensor) -> bool:
     return not (_big(x) and (_nchw_2d(x) or x.shape[1] <= 64))
 
 
+def _eager_rows_or_group_stats(x: torch.Tensor) -> bool:
+    return x.dim() == 2 or _eager_group_stats(x)
+
+
+EAGER_GPU_SAVING_MS = 0.3
+"""The GPU time (ms per forward+backward) a kernel must save over torch's op for ``auto`` to use it in eager calls:
+about the host time normlab's Python path costs beyond torch's C++ one on the measured H100 machine (run 4, at a
+tiny shape: GroupNorm 0.36 ms, InstanceNorm 0.46, LayerNorm2d 0.24, BatchNorm 0.61; see the README's GPU section).
+:data:`SLOWER_THAN_TORCH_EAGER` is written from the measured GPU times with this threshold."""
+
 SLOWER_THAN_TORCH_EAGER: dict[str, Callable[[torch.Tensor], bool]] = {
-    # BatchNorm lost everywhere in wall time except NCHW at 112 x 112 (torch's NCHW kernel is slow there: 2.2x)
+    # BatchNorm saves enough only in NCHW at 112 x 112 (torch's NCHW kernel is slow there: 0.96 ms saved in bf16,
+    # 0.55 in fp32 at (32, 64, 112, 112)); 0.24 ms at most elsewhere
     "batch_norm": lambda x: not (_big(x) and _nchw_2d(x) and x.shape[2] * x.shape[3] >= 4096),
-    # GroupNorm / InstanceNorm won only in float32 channels-last (torch's 0.8 ms there: 1.1-1.3x)
+    # GroupNorm / InstanceNorm save 0.38-0.54 ms channels-last (torch's channels-last kernels are 2-4x slower), at
+    # most 0.14 ms in NCHW
     "group_norm": _eager_group_stats,
     "instance_norm": _eager_group_stats,
-    # LayerNorm2d / RMSNorm2d won NCHW (torch permutes: 1.3-6.2x) and channels-last over 64 channels (1.1-2.9x)
+    # LayerNorm / RMSNorm over (C, *): the GroupNorm kernels; transformer rows save at most 0.08 ms
+    "layer_norm": _eager_rows_or_group_stats,
+    "rms_norm": _eager_rows_or_group_stats,
+    # LayerNorm2d / RMSNorm2d save 0.42-1.2 ms in NCHW (torch permutes) and channels-last over 64 channels, at most
+    # 0.18 ms channels-last over 256
     "layer_norm2d": _eager_channel_stats,
     "rms_norm2d": _eager_channel_stats,
 }
-"""op -> predicate, applied besides :data:`SLOWER_THAN_TORCH`: where it is true, ``auto`` runs torch's op, because
-normlab's kernel measured slower in *wall time* (host cost included) in ``normlab bench kernels`` on an H100
-machine, whose host is slow: one normlab forward+backward costs 0.7-1.3 ms of host time there against torch's
-0.2-0.5 ms, more than most of these ops' GPU time (the README's GPU section). Neither table applies under
-torch.compile, where ``auto`` hands Inductor torch's ops (see :mod:`normlab.kernels`): there the kernels ran through
-the same Python launchers (the custom ops), and the compiled ResNet-50 steps measured slower than torch's compiled
-ones. In a CUDA graph only the GPU time counts and the kernels win more often: force them there with
-``backend="triton"`` for the warm-up and the capture alike (a Triton kernel must be compiled and loaded before a
-capture, so ``auto`` does not switch implementations when a capture starts)."""
+"""op -> predicate, applied besides :data:`SLOWER_THAN_TORCH`: where it is true, ``auto`` runs torch's op in eager
+calls, because the kernel saves less GPU time there than normlab's extra host time costs
+(:data:`EAGER_GPU_SAVING_MS`). The rule is written from GPU times, not from the wall times of single eager calls:
+on the measured machine those swing far more than the difference between the ops (torch's own calls took up to 10x
+longer in run 4 than the same calls in run 3, while their GPU times agreed within 4%). In a ResNet-50 training step
+(batch 64, bf16, channels_last) GroupNorm's kernels took 42.2 ms against torch GroupNorm's 56.5 ms. Neither table
+applies under torch.compile, where ``auto`` hands Inductor torch's ops (see :mod:`normlab.kernels`). In a CUDA graph
+only the GPU time counts: use ``backend="auto-gpu"`` (this table off) or ``"triton"`` for the warm-up and the
+capture alike (a Triton kernel must be compiled and loaded before a capture, so ``auto`` does not switch
+implementations when a capture starts)."""
 
 
 def prefers_torch(op: str, x: torch.Tensor, *, wall_time: bool = True) -> bool:

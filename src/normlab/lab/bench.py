@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..factory import get_norm_layer
 from ..functional._checks import unknown_name_error
 
 __all__ = [
@@ -788,6 +789,13 @@ RESNET_SETTINGS: dict[str, _Setting] = {
     # what a user gets by default: the dispatch picks torch's op where the kernel measured slower (triton_ops)
     "normlab-bn-auto": _Setting("normlab BatchNorm2d, backend auto", "bn", "batch_norm", backend="auto"),
     "normlab-gn-auto": _Setting("normlab GroupNorm(32), backend auto", "gn:32", "group_norm", backend="auto"),
+    # the same without the NaN guard: what the guard costs (compiled: exactly torch's graph)
+    "normlab-bn-noguard-auto": _Setting(
+        "normlab BatchNorm2d(nan_guard=False), backend auto",
+        get_norm_layer("bn", nan_guard=False),
+        "batch_norm",
+        backend="auto",
+    ),
     # routed by GPU time alone (backend auto-gpu): what a CUDA-graph step should use
     "normlab-bn-auto-gpu": _Setting("normlab BatchNorm2d, backend auto-gpu", "bn", "batch_norm", backend="auto-gpu"),
     "normlab-gn-auto-gpu": _Setting(
@@ -806,7 +814,15 @@ RESNET_CONFIGS: dict[str, _Config] = {
 
 # torch's layers and what a user of the default dispatch gets (under torch.compile, auto hands Inductor torch's ops:
 # the compile target), then normlab's kernels forced into the compiled graph as custom ops
-_COMPILED_ORDER = ("torch-gn", "normlab-gn-auto", "torch-bn", "normlab-bn-auto", "normlab-gn", "normlab-bn")
+_COMPILED_ORDER = (
+    "torch-gn",
+    "normlab-gn-auto",
+    "torch-bn",
+    "normlab-bn-auto",
+    "normlab-bn-noguard-auto",
+    "normlab-gn",
+    "normlab-bn",
+)
 
 
 def _graph_breaks() -> int | None:
@@ -912,6 +928,13 @@ _RATIOS = (
         ("torch-bn", "compile"),
         "step",
         1.0,
+    ),
+    (
+        "normlab-bn-noguard-auto compile / torch-bn compile",
+        ("normlab-bn-noguard-auto", "compile"),
+        ("torch-bn", "compile"),
+        "step",
+        None,
     ),
     ("normlab-gn compile / torch-gn compile", ("normlab-gn", "compile"), ("torch-gn", "compile"), "step", None),
     ("normlab-bn compile / torch-bn compile", ("normlab-bn", "compile"), ("torch-bn", "compile"), "step", None),
