@@ -2,7 +2,8 @@
 # Every GPU check of normlab in one invocation (issue 6), all output under $OUT:
 #   phase 0, in parallel: the CUDA tests, and a compile-only pass of every timed step (normlab's Triton kernels and
 #            torch.compile's graphs land in their disk caches, so the timed steps spend their time timing);
-#   phase 1, one at a time: `normlab bench kernels`, `normlab bench resnet50 --compile`, benchmarks/gpu_tune.py.
+#   phase 1, one at a time: benchmarks/gpu_tune.py (the launch-constant sweep; `host`: only its host costs per call),
+#            `normlab bench kernels`, `normlab bench resnet50 --compile`.
 #
 #   bash benchmarks/gpu_all.sh                  # writes ./gpu_out/
 #   OUT=/tmp/x T_RESNET=400 bash benchmarks/gpu_all.sh
@@ -20,11 +21,14 @@ T_WARM="${T_WARM:-140}"                # phase 0: the CUDA tests and the compile
 T_KERNELS="${T_KERNELS:-150}"           # normlab bench kernels
 T_RESNET="${T_RESNET:-170}"             # normlab bench resnet50 (each torch.compile of the model takes ~45 s cold)
 T_TUNE="${T_TUNE:-90}"                 # benchmarks/gpu_tune.py
+T_HOST="${T_HOST:-60}"                 # benchmarks/gpu_tune.py --host (step "host")
+RESNET_STEPS="${RESNET_STEPS:-20}"     # timed steps per ResNet-50 setting (median)
 WARM_SHARDS="${WARM_SHARDS:-8}"         # parallel compile-only processes of gpu_tune.py
 KERNELS_COMPILE="${KERNELS_COMPILE:-bf16-cl}"         # bench kernels --compile: all | bf16-cl | none
 RESNET_COMPILE="${RESNET_COMPILE-b64-bf16-cl}"        # configs to compile in; empty: every config; "none": eager only
 RESNET_GRAPH="${RESNET_GRAPH:-1}"                      # 1: bench resnet50 also times CUDA-graph replays (--graph)
-STEPS="${STEPS:-tests tune kernels resnet}"           # the steps to run (in this order, whatever the order given)
+STEPS="${STEPS:-tests tune kernels resnet}"           # the steps to run (in this order, whatever the order given);
+                                                      # also "host" (instead of or after "tune")
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 # bench resnet50's options (bash cannot export arrays: phase0 below rebuilds them with the same function)
 resnet_args() {
@@ -107,7 +111,7 @@ phase0() {
     fi
     if has resnet; then
         for setting in torch-bn normlab-bn normlab-gn torch-gn none normlab-bn-auto normlab-gn-auto normlab-bn-auto-gpu \
-            normlab-gn-auto-gpu; do
+            normlab-gn-auto-gpu normlab-bn-noguard-auto; do
             "$PY" -m normlab.lab.cli bench resnet50 --settings "$setting" --steps 1 --warmup 1 \
                 "${RESNET_ARGS[@]}" --out "$WARM/r-$setting.csv" >>"$OUT/warm.log" 2>&1 &
         done
@@ -131,13 +135,16 @@ step phase0-tests "$T_WARM" "$LOG" bash -c 'resnet_args; phase0'
 if has tune; then
     step tune "$T_TUNE" "$LOG" "$PY" benchmarks/gpu_tune.py --out "$OUT/tune.csv"
 fi
+if has host; then
+    step host "$T_HOST" "$LOG" "$PY" benchmarks/gpu_tune.py --host
+fi
 if has kernels; then
     step bench-kernels "$T_KERNELS" "$LOG" \
         "$PY" -m normlab.lab.cli bench kernels --compile "$KERNELS_COMPILE" --out "$OUT/kernels.csv"
 fi
 if has resnet; then
     step bench-resnet50 "$T_RESNET" "$LOG" \
-        "$PY" -m normlab.lab.cli bench resnet50 "${RESNET_ARGS[@]}" --out "$OUT/resnet50.csv"
+        "$PY" -m normlab.lab.cli bench resnet50 "${RESNET_ARGS[@]}" --steps "$RESNET_STEPS" --out "$OUT/resnet50.csv"
 fi
 
 {

@@ -9,6 +9,7 @@ baseline (the constants as committed), the fastest candidate and torch eager.
 
     python benchmarks/gpu_tune.py --out tune.csv                    # every case and candidate, timed
     python benchmarks/gpu_tune.py --warm --shard 0 --shards 8       # compile only (fills Triton's disk cache)
+    python benchmarks/gpu_tune.py --host                            # only the host cost per call
 
 ``--warm`` runs each assigned (case, candidate) once without timing: run several shards in parallel first, so that
 the timed run that follows finds every kernel compiled (benchmarks/gpu_all.sh does this).
@@ -258,6 +259,43 @@ def _host_costs(device) -> None:
             f"fwd+bwd: normlab {times[1]:6.1f}  torch {times[3]:6.1f}"
         )
     _host_breakdown(device, host_us, _touch, args)
+    _host_auto(device, host_us)
+
+
+def _host_auto(device, host_us) -> None:
+    """Host time per call of the default dispatch (``auto``, which on this machine mostly runs torch's op in eager):
+    BatchNorm with and without its NaN guard, GroupNorm, next to torch's modules; then a Python profile of the
+    guarded BatchNorm forward."""
+    import cProfile
+    import io
+    import pstats
+
+    import normlab
+
+    x = torch.randn(2, 64, 8, 8, device=device, requires_grad=True)
+    dy = torch.randn_like(x)
+    modules = {
+        "normlab BatchNorm2d auto": normlab.BatchNorm2d(64),
+        "normlab BatchNorm2d(nan_guard=False) auto": normlab.BatchNorm2d(64, nan_guard=False),
+        "torch BatchNorm2d": torch.nn.BatchNorm2d(64),
+        "normlab GroupNorm(32) auto": normlab.GroupNorm(64, num_groups=32),
+        "torch GroupNorm(32)": torch.nn.GroupNorm(32, 64),
+    }
+    print("\nhost cost per call (us), float32 (2, 64, 8, 8), the default dispatch")
+    for name, module in modules.items():
+        fns = _passes(module.to(device).train(), x, dy, "auto")
+        print(f"  {name:42} fwd {host_us(fns['fwd']):6.1f}   fwd+bwd {host_us(fns['fwd+bwd']):6.1f}")
+    fwd = _passes(modules["normlab BatchNorm2d auto"], x, dy, "auto")["fwd"]
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        fwd()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
+    print("\n== Python profile, normlab BatchNorm2d auto forward x 200, by cumulative time")
+    print("\n".join(line for line in text.getvalue().splitlines() if line.strip()))
 
 
 def _host_breakdown(device, host_us, touch, args) -> None:
@@ -311,7 +349,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="CPU, tiny shapes, two candidates per module (a test of the script)"
     )
+    parser.add_argument("--host", action="store_true", help="only the host costs per call (a GPU), no sweep")
     args = parser.parse_args(argv)
+    if args.host:
+        if not torch.cuda.is_available():
+            print("gpu_tune: --host needs a CUDA GPU", file=sys.stderr)
+            return 2
+        _host_costs(torch.device("cuda"))
+        return 0
     if args.smoke:
         CASES[:] = [(op, (2, 32, 5, 3), dtype, layout) for op, _, dtype, layout in CASES[:2] + CASES[2:5:2]]
         for name in CANDIDATES:

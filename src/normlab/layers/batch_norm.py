@@ -60,7 +60,7 @@ class _BatchNorm(RunningStatsNormBase):
             "num_nonfinite_batches", torch.tensor(0, dtype=torch.long, device=device), persistent=False
         )
         self._warned_nonfinite = False
-        self._guard_calls = 0
+        self._guard_calls = [0]  # a list: a plain int would go through nn.Module.__setattr__ at every step
 
     def _sync_group(self):
         """The process group to synchronize statistics over now, or None (not syncing, or a single rank)."""
@@ -191,8 +191,8 @@ class _BatchNorm(RunningStatsNormBase):
             return
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # reading the counter would synchronize, which a CUDA graph capture forbids
-        self._guard_calls += 1
-        if x.device.type == "cpu" or self._guard_calls % _GUARD_CHECK_EVERY == 1:
+        self._guard_calls[0] += 1
+        if x.device.type == "cpu" or self._guard_calls[0] % _GUARD_CHECK_EVERY == 1:
             if int(self.num_nonfinite_batches) > 0:
                 self._warn_nonfinite_once()
 
