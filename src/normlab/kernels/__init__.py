@@ -7,17 +7,19 @@ Backends:
                    one (``triton_ops.OPS``), on any input; the other ops run as under ``auto``. A RuntimeError
                    when Triton or normlab's kernels cannot be imported.
     ``auto``       (default) triton for CUDA inputs when Triton is importable and the op has a kernel (unless the
-                   kernel was measured slower than torch for such an input, in GPU time or in the wall time of eager
-                   calls: ``triton_ops.prefers_torch``), else native where it exists, else reference.
+                   kernel was measured slower than torch for such an input in GPU time, or saves too little GPU time
+                   to pay for its extra host time in eager calls: ``triton_ops.prefers_torch``), else native where it
+                   exists, else reference.
     ``auto-gpu``   as ``auto``, but torch's op only where the kernel was measured slower in GPU time
                    (``triton_ops.SLOWER_THAN_TORCH``): for steps captured in CUDA graphs, where the GPU's time is
                    all that counts, and for hosts that launch kernels faster than the measured machine, whose slow
-                   host the wall-time table reflects. The choice depends on the input's shape, dtype and layout
+                   host the eager table reflects. The choice depends on the input's shape, dtype and layout
                    only, so a CUDA graph's warm-up compiles every kernel its capture will launch.
 
 Under torch.compile, ``auto`` and ``auto-gpu`` resolve to native (else the reference) whatever the input: Inductor
 then compiles the same plain PyTorch ops it compiles for torch's own layers (normlab's GroupNorm, InstanceNorm,
-LayerNorm and BatchNorm without its NaN guard trace to the very same aten graph) and fuses them with their
+LayerNorm and BatchNorm without its NaN guard trace to the very same aten graph, channels-last and under autocast
+too) and fuses them with their
 neighbours, where a custom op would stay an opaque call through its Python launcher. ``triton`` still compiles the
 kernels in as custom ops, without graph breaks.
 
