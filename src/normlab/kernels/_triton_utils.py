@@ -57,12 +57,9 @@ kernel is defined, i.e. when the kernel modules are imported."""
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_kernel_input(owner: str, x: torch.Tensor, **per_channel: torch.Tensor | None) -> None:
-    """ValueError naming ``owner`` unless ``x`` is a floating-point (N, C, *) tensor where the kernels can run (CUDA,
-    or any device under the interpreter) and every given per-channel tensor has shape (C,) on x's device (a kernel
-    would read out of bounds otherwise)."""
-    if x.dim() < 2:
-        raise ValueError(f"{owner}: expected input (N, C, *) with at least 2 dims, got shape {tuple(x.shape)}")
+def check_kernel_dtype_device(owner: str, x: torch.Tensor) -> None:
+    """ValueError naming ``owner`` unless ``x`` is floating point on a device where the kernels run (CUDA, or any
+    device under the interpreter)."""
     if x.dtype not in _DTYPES:
         raise ValueError(f"{owner}: expected a float16, bfloat16, float32 or float64 input, got dtype {x.dtype}")
     if not x.is_cuda and not INTERPRET:
@@ -70,6 +67,15 @@ def check_kernel_input(owner: str, x: torch.Tensor, **per_channel: torch.Tensor 
             f"{owner}: the Triton kernel needs a CUDA input (or TRITON_INTERPRET=1 set before import to run on CPU), "
             f"got an input on {x.device}"
         )
+
+
+def check_kernel_input(owner: str, x: torch.Tensor, **per_channel: torch.Tensor | None) -> None:
+    """ValueError naming ``owner`` unless ``x`` is a floating-point (N, C, *) tensor where the kernels can run (CUDA,
+    or any device under the interpreter) and every given per-channel tensor has shape (C,) on x's device (a kernel
+    would read out of bounds otherwise)."""
+    if x.dim() < 2:
+        raise ValueError(f"{owner}: expected input (N, C, *) with at least 2 dims, got shape {tuple(x.shape)}")
+    check_kernel_dtype_device(owner, x)
     channels = x.shape[1]
     for name, p in per_channel.items():
         if p is not None and (tuple(p.shape) != (channels,) or p.device != x.device):

@@ -71,6 +71,7 @@ from ._triton_utils import (
     activation,
     activation_grad,
     cdiv,
+    check_kernel_dtype_device,
     check_kernel_input,
     eager_function,
     flat,
@@ -1003,7 +1004,7 @@ def _checked_commit(owner: str, stats: dict, num_batches_tracked, num_nonfinite_
     tensors = (*stats.values(), num_batches_tracked, num_nonfinite_batches)
     if any(t.device != running_mean.device for t in tensors):
         raise ValueError(f"{owner}: every tensor must be on running_mean's device")
-    check_kernel_input(owner, running_mean.reshape(1, c))
+    check_kernel_dtype_device(owner, running_mean)  # no view made: this runs at every guarded training step
     return tensors
 
 

@@ -189,12 +189,14 @@ class _BatchNorm(RunningStatsNormBase):
         CUDA graph."""
         if torch.compiler.is_compiling() or self._warned_nonfinite:
             return
+        calls = self._guard_calls
+        calls[0] += 1
+        if x.device.type != "cpu" and calls[0] % _GUARD_CHECK_EVERY != 1:
+            return
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # reading the counter would synchronize, which a CUDA graph capture forbids
-        self._guard_calls[0] += 1
-        if x.device.type == "cpu" or self._guard_calls[0] % _GUARD_CHECK_EVERY == 1:
-            if int(self.num_nonfinite_batches) > 0:
-                self._warn_nonfinite_once()
+        if int(self.num_nonfinite_batches) > 0:
+            self._warn_nonfinite_once()
 
     def _warn_nonfinite_once(self) -> None:
         if self._warned_nonfinite:
