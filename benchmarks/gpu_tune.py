@@ -80,7 +80,15 @@ CANDIDATES = {
         {"_TARGET_PROGRAMS": 8 * 132},
         {"_MERGE_PROGRAMS": 1},  # the statistics' merge in 64-channel blocks (as measured in run 2), not about 32
     ],
-    "channel_norm": [{}, {"_TILE": 2048}, {"_TILE": 8192}, {"_PROGRAMS_PER_SM": 2}, {"_PROGRAMS_PER_SM": 8}],
+    "channel_norm": [
+        {},
+        {"_TILE": 2048},
+        {"_TILE": 8192},
+        {"_PROGRAMS_PER_SM": 2},
+        {"_PROGRAMS_PER_SM": 8},
+        {"_ACC_2D": True},  # parameter gradients summed per element over the tiles, over rows once at the end
+        {"_ACC_2D": True, "_TILE": 8192},
+    ],
     "frn": [{}, {"_TILE": 2048}, {"_TILE": 8192}, {"_PROGRAMS_PER_SM": 2}, {"_PROGRAMS_PER_SM": 8}],
 }
 

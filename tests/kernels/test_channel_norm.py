@@ -187,6 +187,21 @@ def test_channel_loops(op, layout, act):
         assert_matches_reference(op, x, params_for(op, 11), act=act)
 
 
+@pytest.mark.parametrize("act", [None, "relu", "silu"])
+@pytest.mark.parametrize("shape", [(3, 11, 3, 5), (37, 6)], ids=["conv", "rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_parameter_gradients_accumulated_per_element(op, dtype, shape, act):
+    """``_ACC_2D`` (a tuning candidate): the backward's channels-in-one-block path sums the parameter gradients
+    elementwise over a program's tiles, then over rows once. Tiles of 8 elements leave partial tiles and several
+    tiles per program; the result matches the float64 reference as the default path does."""
+    x = make_x(shape, dtype=dtype, layout="channels_last" if len(shape) == 4 else "nchw")
+    params = params_for(op, shape[1], dtype)
+    with mock.patch.multiple(kernels, _ACC_2D=True, _TILE=8, _ROWS_TILE_SCALE=1):
+        assert kernels._launch(kernels.flat(x)).kw["SINGLE"]
+        assert_matches_reference(op, x, params, act=act)
+
+
 @settings(max_examples=15)
 @given(
     n=st.integers(1, 3),

@@ -81,6 +81,10 @@ _MAX_BLOCK_C_ROWS = 4096  # channels_last: channels per block; more channels loo
 _MAX_BLOCK_C_STRIDED = 256  # NCHW: channels per block
 _BLOCK_S_STRIDED = (16, 128)  # NCHW: bounds of the run of contiguous positions per tile
 _PROGRAMS_PER_SM = 4  # backward: persistent programs per SM (per CPU for the interpreter)
+# backward, channels in one block: accumulate the parameter gradients over a program's tiles in a [rows, channels]
+# register tile, reduced over the rows once, instead of a cross-row reduction per tile. A candidate of
+# benchmarks/gpu_tune.py, not yet timed on a GPU (the backward ran at 37% of copy bandwidth in run 4's profile)
+_ACC_2D = False
 # channels_last (rows of contiguous channels): tiles of 2 x _TILE, which made LayerNorm2d's forward+backward 36% faster
 # on an H100 at (32, 256, 56, 56) bf16 (benchmarks/gpu_tune.py, CUDA-graph times)
 _ROWS_TILE_SCALE = 2
@@ -309,6 +313,7 @@ def _channel_norm_bwd_kernel(
     S_DIV: tl.constexpr,
     STRIDE_C_DIV: tl.constexpr,
     STRIDE_S_DIV: tl.constexpr,
+    ACC_2D: tl.constexpr = False,
 ):
     S, stride_c, stride_s = with_factors(S, stride_c, stride_s, S_DIV, STRIDE_C_DIV, STRIDE_S_DIV)  # for vectors
     # partial_ptr: (2, programs, C) float; row ``pid`` of each half belongs to this program alone.
@@ -323,6 +328,10 @@ def _channel_norm_bwd_kernel(
         b = _vector(b_ptr, cols, c_mask, HAS_B, 0.0, ACC, BLOCK_C)
         dw = tl.zeros([BLOCK_C], ACC)
         db = tl.zeros([BLOCK_C], ACC)
+        # ACC_2D: the parameter gradients accumulate elementwise over the program's tiles and are reduced over rows
+        # once at the end, instead of a cross-row reduction per tile (more registers, fewer reductions)
+        dw_rows = tl.zeros([BLOCK_S, BLOCK_C] if ACC_2D else [1, 1], ACC)
+        db_rows = tl.zeros([BLOCK_S, BLOCK_C] if ACC_2D else [1, 1], ACC)
         for t in range(pid, num_tiles, programs):
             rows, pos, s_mask = _tile(t, S, stride_n, stride_s, BLOCK_S)
             _cols, _c_mask, mask, offs = _block(rows, s_mask, 0, C, stride_c, BLOCK_C)
@@ -333,8 +342,15 @@ def _channel_norm_bwd_kernel(
             xhat, dz, g = _grads(x, dy, mean, rstd, w, b, mask, ACT)
             dx = _dx(xhat, g, rstd, tl.sum(g * xhat, axis=1) / C, tl.sum(g, axis=1) / C, CENTER)
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            dw += tl.sum(dz * xhat, axis=0)
-            db += tl.sum(dz, axis=0)
+            if ACC_2D:
+                dw_rows += dz * xhat
+                db_rows += dz
+            else:
+                dw += tl.sum(dz * xhat, axis=0)
+                db += tl.sum(dz, axis=0)
+        if ACC_2D:
+            dw = tl.sum(dw_rows, axis=0)
+            db = tl.sum(db_rows, axis=0)
         tl.store(dw_ptr + cols, dw, mask=c_mask)
         tl.store(db_ptr + cols, db, mask=c_mask)
     else:
@@ -480,6 +496,7 @@ def _bwd_impl(dy, x, weight, bias, mean, rstd, center, act):
         HAS_B=bias is not None,
         ACT=act,
         ACC=_acc_type(x.dtype),
+        ACC_2D=_ACC_2D and single,
         **launch.kw,
     )
     dweight, dbias = grads_as_params(partial.sum(dim=1), (weight, bias))
