@@ -23,6 +23,7 @@ T_RESNET="${T_RESNET:-170}"             # normlab bench resnet50 (each torch.com
 T_TUNE="${T_TUNE:-90}"                 # benchmarks/gpu_tune.py
 T_HOST="${T_HOST:-60}"                 # benchmarks/gpu_tune.py --host (step "host")
 RESNET_STEPS="${RESNET_STEPS:-20}"     # timed steps per ResNet-50 setting (median)
+RESNET_ROUNDS="${RESNET_ROUNDS:-1}"    # rounds of every ResNet-50 setting, A-B-B-A (2 about doubles T_RESNET's need)
 WARM_SHARDS="${WARM_SHARDS:-8}"         # parallel compile-only processes of gpu_tune.py
 KERNELS_COMPILE="${KERNELS_COMPILE:-bf16-cl}"         # bench kernels --compile: all | bf16-cl | none
 RESNET_COMPILE="${RESNET_COMPILE-b64-bf16-cl}"        # configs to compile in; empty: every config; "none": eager only
@@ -144,7 +145,8 @@ if has kernels; then
 fi
 if has resnet; then
     step bench-resnet50 "$T_RESNET" "$LOG" \
-        "$PY" -m normlab.lab.cli bench resnet50 "${RESNET_ARGS[@]}" --steps "$RESNET_STEPS" --out "$OUT/resnet50.csv"
+        "$PY" -m normlab.lab.cli bench resnet50 "${RESNET_ARGS[@]}" --steps "$RESNET_STEPS" --rounds "$RESNET_ROUNDS" \
+        --out "$OUT/resnet50.csv"
 fi
 
 {

@@ -236,6 +236,48 @@ def test_resnet50_compile_flag_and_run_order():
     ]
 
 
+def test_resnet50_rounds_alternate_the_order_with_the_no_norm_step_first():
+    settings = ["torch-bn", "normlab-gn", "none", "torch-gn", "normlab-gn-auto"]
+    first = bench._resnet_runs(settings, compiled=True, graph=True)
+    second = bench._resnet_runs(settings, compiled=True, graph=True, reverse=True)
+    assert sorted(first) == sorted(second)
+    for mode in ("eager", "graph", "compile"):
+        a = [s for s, m in first if m == mode]
+        b = [s for s, m in second if m == mode]
+        if mode == "compile":
+            assert b == a[::-1]
+        else:  # every cost of a round needs that round's no-norm step before it
+            assert a[0] == b[0] == "none" and b[1:] == a[:0:-1]
+    assert [m for _, m in second] == sorted((m for _, m in second), key=["eager", "graph", "compile"].index)
+    parser = cli.build_parser()
+    assert parser.parse_args(["bench", "resnet50"]).rounds == 1
+    assert parser.parse_args(["bench", "resnet50", "--rounds", "2"]).rounds == 2
+
+
+def test_bench_resnet50_rounds_write_a_row_per_round_and_pool_the_targets(tmp_path):
+    rows = bench.bench_resnet50(
+        tmp_path / "r.csv", settings=["torch-bn", "normlab-gn", "none"], configs=["b32-fp32-nchw"], steps=1,
+        warmup=1, smoke=True, backend="reference", rounds=2, echo=lambda line: None,
+    )  # fmt: skip
+    assert [(r["setting"], r["round"]) for r in rows] == [
+        ("none", 1), ("torch-bn", 1), ("normlab-gn", 1), ("none", 2), ("normlab-gn", 2), ("torch-bn", 2)
+    ]  # fmt: skip
+    assert all(r["norm_cost_ms"] is not None for r in rows)  # each round's against its own no-norm step
+    with open(tmp_path / "r.csv") as fh:
+        assert [line.split(",")[3] for line in fh.read().splitlines()] == ["round"] + ["1"] * 3 + ["2"] * 3
+    with pytest.raises(ValueError, match="rounds=0 must be a positive integer"):
+        bench.bench_resnet50(tmp_path / "r.csv", smoke=True, rounds=0)
+
+
+def test_resnet_targets_pool_rounds_with_the_median():
+    def row(setting, step, round_):
+        return {"config": "c", "setting": setting, "mode": "eager", "step_ms": step, "round": round_}
+
+    rows = [row("torch-bn", 10.0, 1), row("normlab-gn", 13.0, 1), row("normlab-gn", 11.0, 2), row("torch-bn", 12.0, 2)]
+    got = {t["ratio"]: t for t in bench.resnet_targets(rows)}["normlab-gn eager / torch-bn eager"]
+    assert (got["numerator_ms"], got["denominator_ms"], got["value"]) == (12.0, 11.0, pytest.approx(12 / 11))
+
+
 def test_bench_resnet50_graph_needs_cuda(tmp_path):
     """On the CPU (--smoke) --graph is ignored: CUDA graphs need a GPU."""
     rows = bench.bench_resnet50(

@@ -123,6 +123,7 @@ RESNET_COLUMNS = [
     "config",
     "setting",
     "mode",
+    "round",
     "backend",
     "batch",
     "image_size",
@@ -968,7 +969,8 @@ def resnet_targets(rows: Iterable[dict]) -> list[dict]:
     """The issue's target ratios from ``bench resnet50`` rows, per configuration.
 
     A ratio is None where a term was not measured (failed, unavailable, or not compiled); ``met`` is "yes" / "no"
-    for ratios with a target (the ratio must be at most the target), "" otherwise.
+    for ratios with a target (the ratio must be at most the target), "" otherwise. Rows of several rounds
+    (``rounds``) count with the median of their rounds' values (their mean for two rounds).
 
     Example:
         >>> from normlab.lab.bench import resnet_targets
@@ -981,15 +983,20 @@ def resnet_targets(rows: Iterable[dict]) -> list[dict]:
     """
     by_key, configs = {}, []
     for row in rows:
-        by_key[(row["config"], row["setting"], row["mode"])] = row
+        by_key.setdefault((row["config"], row["setting"], row["mode"]), []).append(row)
         if row["config"] not in configs:
             configs.append(row["config"])
+
+    def pooled(key, field):
+        values = [row[field] for row in by_key.get(key, ()) if row.get(field) is not None]
+        return statistics.median(values) if values else None
+
     out = []
     for config in configs:
         for name, num_key, den_key, what, target in _RATIOS:
             field = "step_ms" if what == "step" else "norm_cost_ms"
-            num = (by_key.get((config, *num_key)) or {}).get(field)
-            den = (by_key.get((config, *den_key)) or {}).get(field)
+            num = pooled((config, *num_key), field)
+            den = pooled((config, *den_key), field)
             # a cost at or below zero is noise (a norm cannot make the step faster): no ratio of it
             value = num / den if num is not None and den is not None and den > 0 else None
             met = "" if target is None or value is None else ("yes" if value <= target else "no")
@@ -1008,7 +1015,7 @@ def resnet_targets(rows: Iterable[dict]) -> list[dict]:
 
 
 _RESNET_TABLE = (
-    f"{'config':<14} {'setting':<15} {'mode':<8} {'step ms':>8} {'min':>8} {'norm ms':>8} {'share':>6} "
+    f"{'config':<14} {'setting':<23} {'mode':<8} {'round':>5} {'step ms':>8} {'min':>8} {'norm ms':>8} {'share':>6} "
     f"{'1st s':>6} {'breaks':>6}  status"
 )
 
@@ -1016,27 +1023,34 @@ _RESNET_TABLE = (
 def _resnet_line(row: dict) -> str:
     share = row["norm_share"]
     return (
-        f"{row['config']:<14} {row['setting']:<15} {row['mode']:<8} {_fmt(row['step_ms'], '.2f'):>8} "
+        f"{row['config']:<14} {row['setting']:<23} {row['mode']:<8} {row.get('round', 1):>5} "
+        f"{_fmt(row['step_ms'], '.2f'):>8} "
         f"{_fmt(row['step_ms_min'], '.2f'):>8} {_fmt(row['norm_cost_ms'], '.2f'):>8} "
         f"{_fmt(None if share is None else 100 * share, '.0f'):>6} {_fmt(row['first_step_s'], '.1f'):>6} "
         f"{_fmt(row['graph_breaks'], 'd'):>6}  {row['status']}"
     )
 
 
-def _resnet_runs(settings: list[str], *, compiled: bool, graph: bool = False) -> list[tuple[str, str]]:
+def _resnet_runs(
+    settings: list[str], *, compiled: bool, graph: bool = False, reverse: bool = False
+) -> list[tuple[str, str]]:
     """(setting, mode) in measuring order: the no-norm step first (every cost needs it), then the other eager
     settings, then the CUDA-graph replays (no-norm first), then the compiled ones, the issue's key comparisons
-    first."""
+    first. ``reverse``: the settings of each mode in the opposite order, the no-norm step still first (the second
+    round of an A-B-B-A measurement, so that a drift of the machine's speed during a round cancels in the mean)."""
     ordered = sorted(settings, key=lambda s: s != "none")
+    compiled_order = [s for s in _COMPILED_ORDER if s in settings] if compiled else []
+    if reverse:
+        ordered = ordered[:1] + ordered[:0:-1] if ordered[:1] == ["none"] else ordered[::-1]
+        compiled_order = compiled_order[::-1]
     runs = [(s, "eager") for s in ordered]
     if graph:
         runs += [(s, "graph") for s in ordered]
-    if compiled:
-        runs += [(s, "compile") for s in _COMPILED_ORDER if s in settings]
+    runs += [(s, "compile") for s in compiled_order]
     return runs
 
 
-def _resnet_row(name, mode, config_name, *, device, backend, probe, image_size, batch, steps, warmup) -> dict:
+def _resnet_row(name, mode, config_name, *, device, backend, probe, image_size, batch, steps, warmup, round_=1) -> dict:
     """One measured (or unavailable, or failed) setting as a CSV row, without its cost and environment columns."""
     setting, config = RESNET_SETTINGS[name], RESNET_CONFIGS[config_name]
     backend = setting.backend or backend
@@ -1044,6 +1058,7 @@ def _resnet_row(name, mode, config_name, *, device, backend, probe, image_size, 
         "config": config_name,
         "setting": name,
         "mode": mode,
+        "round": round_,
         "backend": backend if setting.kernel else None,
         "batch": batch,
         "image_size": image_size,
@@ -1095,6 +1110,7 @@ def bench_resnet50(
     smoke: bool = False,
     backend: str | None = None,
     graph: bool = False,
+    rounds: int = 1,
     echo: Callable[[str], None] = print,
 ) -> list[dict]:
     """Time a ResNet-50 SGD training step per norm setting and configuration; write ``out`` and its targets CSV.
@@ -1112,13 +1128,16 @@ def bench_resnet50(
             reference).
         graph: also time every setting as a CUDA-graph replay of its whole step (mode ``graph``, CUDA only): the
             GPU's time without the host's launch and Python overhead; its norm cost is against the no-norm replay.
+        rounds: measure every (setting, mode) this many times per configuration, each round in the opposite order
+            of the last (A-B-B-A: a drift of the machine's speed cancels), each with a model and compile of its
+            own; one row per round (column ``round``), and the targets from the median over the rounds.
         echo: where the table goes.
 
     Returns:
         The CSV's rows.
 
     Raises:
-        ValueError: for an unknown setting, configuration or backend, or steps / warmup below 1.
+        ValueError: for an unknown setting, configuration or backend, or steps / warmup / rounds below 1.
         RuntimeError: without CUDA unless ``smoke``.
     """
     owner = "bench resnet50"
@@ -1133,7 +1152,7 @@ def bench_resnet50(
             raise ValueError(f"{owner}: compile={missing} names configurations not selected by configs={configs}")
     steps = steps if steps is not None else (2 if smoke else 20)
     warmup = warmup if warmup is not None else (1 if smoke else 5)
-    for name, value in (("steps", steps), ("warmup", warmup)):
+    for name, value in (("steps", steps), ("warmup", warmup), ("rounds", rounds)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{owner}: {name}={value!r} must be a positive integer")
     device, backend = _resolve_device_and_backend(owner, smoke, backend)
@@ -1143,16 +1162,18 @@ def bench_resnet50(
     env = _env_columns(device)
     echo(f"device: {env['device']}   torch {env['torch']}   triton {env['triton']}   cuda {env['cuda']}")
     echo(f"ResNet-50 SGD step, {image_size}x{image_size} random images, median of {steps} steps after {warmup} ")
-    echo(f"warm-up steps; normlab backend: {backend}; norm ms = step - no-norm step (eager)\n")
+    echo(f"warm-up steps; normlab backend: {backend}; norm ms = step - no-norm step (eager)")
+    echo(f"{rounds} round(s) per configuration, every other one in the opposite order\n" if rounds > 1 else "")
     echo(_RESNET_TABLE)
     out = Path(out)
     sink = _CsvSink(out, RESNET_COLUMNS)
     rows = []
     probe = torch.empty(1, 64, 1, 1, device=device)
     try:
-        for config_name in configs:
+        for config_name, round_ in ((c, r) for c in configs for r in range(1, rounds + 1)):
             none_ms = {}
-            for name, mode in _resnet_runs(settings, compiled=config_name in compile_in, graph=graph):
+            runs = _resnet_runs(settings, compiled=config_name in compile_in, graph=graph, reverse=round_ % 2 == 0)
+            for name, mode in runs:
                 row = _resnet_row(
                     name,
                     mode,
@@ -1164,6 +1185,7 @@ def bench_resnet50(
                     batch=2 if smoke else RESNET_CONFIGS[config_name].batch,
                     steps=steps,
                     warmup=warmup,
+                    round_=round_,
                 )
                 if name == "none":
                     none_ms[mode] = row["step_ms"]
@@ -1226,6 +1248,7 @@ def _bench_resnet50_command(args: argparse.Namespace) -> int:
             smoke=args.smoke,
             backend=args.backend,
             graph=args.graph,
+            rounds=args.rounds,
         )
     except (ValueError, RuntimeError) as err:
         print(f"normlab: error: {err}", file=sys.stderr)
@@ -1304,6 +1327,13 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         "--graph",
         action="store_true",
         help="also time each setting's step captured in a CUDA graph and replayed (the GPU's time, no host overhead)",
+    )
+    r.add_argument(
+        "--rounds",
+        type=_int_arg,
+        default=1,
+        metavar="N",
+        help="measure everything N times per config, every other round in the opposite order (A-B-B-A; default 1)",
     )
     r.set_defaults(func=_bench_resnet50_command)
     return bench
