@@ -270,14 +270,29 @@ def _host_costs(device) -> None:
     _host_auto(device, host_us)
 
 
-def _host_auto(device, host_us) -> None:
-    """Host time per call of the default dispatch (``auto``, which on this machine mostly runs torch's op in eager):
-    BatchNorm with and without its NaN guard, GroupNorm, next to torch's modules; then a Python profile of the
-    guarded BatchNorm forward."""
+def _print_profile(fn, title: str, orders=("cumulative",), calls: int = 200) -> None:
+    """Run ``fn`` ``calls`` times under cProfile and print the 30 costliest functions by each of ``orders``."""
     import cProfile
     import io
     import pstats
 
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    for order in orders:
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats(order).print_stats(30)
+        print(f"\n== Python profile, {title} x {calls}, by {order}")
+        print("\n".join(line for line in text.getvalue().splitlines() if line.strip()))
+
+
+def _host_auto(device, host_us) -> None:
+    """Host time per call of the default dispatch (``auto``, which on this machine mostly runs torch's op in eager):
+    BatchNorm with and without its NaN guard, GroupNorm, next to torch's modules; then a Python profile of the
+    guarded BatchNorm forward."""
     import normlab
 
     x = torch.randn(2, 64, 8, 8, device=device, requires_grad=True)
@@ -293,27 +308,15 @@ def _host_auto(device, host_us) -> None:
     for name, module in modules.items():
         fns = _passes(module.to(device).train(), x, dy, "auto")
         print(f"  {name:42} fwd {host_us(fns['fwd']):6.1f}   fwd+bwd {host_us(fns['fwd+bwd']):6.1f}")
-    fwd = _passes(modules["normlab BatchNorm2d auto"], x, dy, "auto")["fwd"]
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
-        fwd()
-    prof.disable()
-    torch.cuda.synchronize()
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
-    print("\n== Python profile, normlab BatchNorm2d auto forward x 200, by cumulative time")
-    print("\n".join(line for line in text.getvalue().splitlines() if line.strip()))
+    _print_profile(
+        _passes(modules["normlab BatchNorm2d auto"], x, dy, "auto")["fwd"], "normlab BatchNorm2d auto forward"
+    )
 
 
 def _host_breakdown(device, host_us, touch, args) -> None:
     """Where normlab's host time goes (a help for the launcher work, not a result): the backward run on the calling
     thread instead of autograd's device thread, a Python profile of GroupNorm's forward+backward, and one launch
     through the compiled kernel's launcher without Triton's argument binding."""
-    import cProfile
-    import io
-    import pstats
-
     x, dy, ours, theirs = _build(("gn", (2, 64, 8, 8), torch.bfloat16, "channels_last"), device)
     fns = {
         "normlab": _passes(ours, x, dy, "triton")["fwd+bwd"],
@@ -324,17 +327,8 @@ def _host_breakdown(device, host_us, touch, args) -> None:
             "  gn    fwd+bwd, backward on the calling thread: "
             + "  ".join(f"{k} {host_us(f):6.1f}" for k, f in fns.items())
         )
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(200):
-            fns["normlab"]()
-        prof.disable()
-        torch.cuda.synchronize()
-    for order in ("tottime", "cumulative"):
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats(order).print_stats(30)
-        print(f"\n== Python profile, normlab gn fwd+bwd x 200 (backward on the calling thread), by {order}")
-        print("\n".join(line for line in text.getvalue().splitlines() if line.strip()))
+        title = "normlab gn fwd+bwd (backward on the calling thread)"
+        _print_profile(fns["normlab"], title, orders=("tottime", "cumulative"))
     try:  # Triton 3.3-3.6's launcher signature; other versions: reported, not needed
         kernel = touch[(1,)](*args, BLOCK=1024)
         stream = torch.cuda.current_stream(device).cuda_stream
