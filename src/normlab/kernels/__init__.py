@@ -19,9 +19,8 @@ Backends:
 Under torch.compile, ``auto`` and ``auto-gpu`` resolve to native (else the reference) whatever the input: Inductor
 then compiles the same plain PyTorch ops it compiles for torch's own layers (normlab's GroupNorm, InstanceNorm,
 LayerNorm and BatchNorm without its NaN guard trace to the very same aten graph, channels-last and under autocast
-too) and fuses them with their
-neighbours, where a custom op would stay an opaque call through its Python launcher. ``triton`` still compiles the
-kernels in as custom ops, without graph breaks.
+too) and fuses them with their neighbours, where a custom op would stay an opaque call through its Python launcher.
+``triton`` still compiles the kernels in as custom ops, without graph breaks.
 
 The default comes from the environment variable ``NORMLAB_BACKEND`` (read at import) and can be changed with
 :func:`set_backend` or, for a block, :func:`use_backend`. Every dispatched call also takes ``backend=`` to force one.

@@ -467,7 +467,7 @@ def _channel_norm_bwd(
 @on_input_device
 def _bwd_impl(dy, x, weight, bias, mean, rstd, center, act):
     f = flat(x)
-    dx = torch.empty_like(f.tensor)  # output_like(x)
+    dx = torch.empty_like(f.tensor)  # x's layout: flat(x).tensor is x itself for NCHW and channels-last
     if x.numel() == 0:
         zero = [x.new_zeros(0) if p is None else torch.zeros_like(p) for p in (weight, bias)]
         return dx, zero[0], zero[1]

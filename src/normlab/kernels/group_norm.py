@@ -116,8 +116,9 @@ _FUSE_SPLITS = 16
 """At most this many position splits per sample, the normalizing and dx kernels merge the splits' partials
 themselves (the statistics, the gradient's group terms) instead of a launch of its own doing it first: one launch
 fewer in the forward and in the backward at batch sizes that need few splits. The partials are small and read from
-L2. 0 never fuses (tests force either way; ``benchmarks/gpu_tune.py`` times 0 against this). Not yet timed on a GPU:
-the value is a first guess."""
+L2. 0 never fuses (tests force either way; ``benchmarks/gpu_tune.py`` times 0 against this). On an H100 (run 4,
+CUDA-graph times of forward+backward at (32, 256, 56, 56) bf16) fusing was 0.9% faster for channels-last GroupNorm
+and 1.6% for NCHW, and 3.7% slower for InstanceNorm; it also saves a launch's host time in eager calls."""
 _FUSED_TILE = 1024
 """Values per loop step of the partials a fusing main kernel merges (see ``_cached_plan``)."""
 _FUSE_READS = 16
