@@ -73,7 +73,7 @@ def test_auto_gpu_routes_by_the_gpu_time_table_alone(monkeypatch):
     x = torch.randn(2, 4, 3, 3).as_subclass(FakeCuda)
     monkeypatch.setattr(triton_ops, "SLOWER_THAN_TORCH", {})
     monkeypatch.setattr(triton_ops, "SLOWER_THAN_TORCH_EAGER", {"group_norm": lambda t: True})
-    assert kernels.resolve("group_norm", x, "auto") is native.group_norm  # the wall-time table
+    assert kernels.resolve("group_norm", x, "auto") is native.group_norm  # the eager table
     assert kernels.resolve("group_norm", x, "auto-gpu") is triton_ops.group_norm  # ignored
     monkeypatch.setitem(triton_ops.SLOWER_THAN_TORCH, "group_norm", lambda t: True)
     assert kernels.resolve("group_norm", x, "auto-gpu") is native.group_norm  # the GPU-time table applies
@@ -189,8 +189,7 @@ def test_measured_gpu_time_routing_to_torch(op, shape, dtype, channels_last, tor
     x = torch.empty(shape, dtype=dtype, device="meta")
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    rule = triton_ops.SLOWER_THAN_TORCH.get(op)
-    assert (rule is not None and rule(x)) == torch_wins
+    assert triton_ops.prefers_torch(op, x, wall_time=False) == torch_wins
 
 
 GPU_RESULTS = (
@@ -215,17 +214,12 @@ def _measured_cases():
         yield r, BENCH_OPS[r["op"]], x
 
 
-def _gpu_time_rule(op, x):
-    rule = triton_ops.SLOWER_THAN_TORCH.get(op)
-    return rule is not None and rule(x)
-
-
 def test_gpu_time_table_agrees_with_the_committed_h100_measurements():
     """Against benchmarks/results/gpu-h100-2026-11-26-run4/kernels.csv (CUDA-graph replays): every case where the
     kernel measured more than 3% slower than torch goes to torch under the GPU-time table, and no case where it
     measured more than 3% faster does. FRN and EvoNorm-S0, which torch lacks, always keep their kernels."""
     for row, op, x in _measured_cases():
-        speedup, to_torch = float(row["graph_speedup_vs_eager"]), _gpu_time_rule(op, x)
+        speedup, to_torch = float(row["graph_speedup_vs_eager"]), triton_ops.prefers_torch(op, x, wall_time=False)
         case = (op, row["shape"], row["dtype"], row["layout"], speedup)
         if op in ("filter_response_norm", "evonorm_s0"):
             assert not to_torch, case

@@ -154,8 +154,9 @@ implementations when a capture starts)."""
 
 
 def prefers_torch(op: str, x: torch.Tensor, *, wall_time: bool = True) -> bool:
-    """True where the kernel of ``op`` was measured slower than torch for inputs like ``x``, in GPU time
-    (:data:`SLOWER_THAN_TORCH`) or, with ``wall_time``, in the wall time of eager calls
-    (:data:`SLOWER_THAN_TORCH_EAGER`; the ``auto`` backend applies both, ``auto-gpu`` the first only)."""
+    """True where the kernel of ``op`` was measured slower than torch for inputs like ``x`` in GPU time
+    (:data:`SLOWER_THAN_TORCH`) or, with ``wall_time`` (eager calls, whose wall time includes the host's), saves too
+    little GPU time to pay for its extra host time (:data:`SLOWER_THAN_TORCH_EAGER`); the ``auto`` backend applies
+    both, ``auto-gpu`` the first only."""
     rules = (SLOWER_THAN_TORCH.get(op), SLOWER_THAN_TORCH_EAGER.get(op) if wall_time else None)
     return any(rule(x) for rule in rules if rule is not None)
